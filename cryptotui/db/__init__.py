@@ -1,0 +1,1 @@
+"""Database access: connection, schema migrations, table names."""

@@ -1,0 +1,1 @@
+"""The services the pipeline needs: PostgreSQL/TimescaleDB, the Kafka broker, Grafana."""
