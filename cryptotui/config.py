@@ -398,6 +398,18 @@ class Settings(BaseSettings):
         return env
 
 
+def child_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process that must see exactly these settings.
+
+    Inherited CRYPTOTUI_* variables are dropped first: an unset field (e.g. an embedded database) must
+    not be overridden by a value the parent happened to inherit.
+    """
+    env = {key: value for key, value in (base if base is not None else os.environ).items()
+           if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG_FILE"}
+    env.update(settings.to_env())
+    return env
+
+
 def describe_error(error: ValidationError) -> str:
     """One line per bad setting, naming its environment variable and what is allowed."""
     lines = []
