@@ -81,11 +81,35 @@ class LazyGroup(click.Group):
 @click.group(
     cls=LazyGroup,
     lazy={"feed": "cryptotui.feed.cli:feed"},
+    invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+@click.option("--daemon", is_flag=True, help="Run the whole pipeline without a UI (logs to stdout).")
+@click.option("--source", default=None, help="Market data: binance | sim | replay:PATH (CRYPTOTUI_SOURCE).")
+@click.option("--speed", default=None, help="Pace of sim/replay: 1 | N | max (CRYPTOTUI_SPEED).")
+@click.option(
+    "--stop-stack-on-exit/--keep-stack-on-exit",
+    default=None,
+    help="Stop the stack when exiting (default: on for --daemon, off for the TUI).",
+)
 @click.version_option(package_name="cryptotui")
-def main() -> None:
-    """cryptotui: a terminal-first monitor for real-time crypto markets."""
+@click.pass_context
+def main(
+    ctx: click.Context, daemon: bool, source: str | None, speed: str | None, stop_stack_on_exit: bool | None
+) -> None:
+    """cryptotui: a terminal-first monitor for real-time crypto markets.
+
+    Without a command it runs the whole pipeline: `cryptotui --daemon` headless.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    overrides = {key: value for key, value in (("source", source), ("speed", speed)) if value is not None}
+    settings = settings_or_exit(**overrides)
+    if not daemon:
+        fail("the Textual TUI is not part of this build yet; run `cryptotui --daemon`", EXIT_USAGE)
+    from cryptotui.daemon import run_daemon
+
+    sys.exit(run_daemon(settings, stop_stack_on_exit=True if stop_stack_on_exit is None else stop_stack_on_exit))
 
 
 # --- stack ----------------------------------------------------------------------------------
