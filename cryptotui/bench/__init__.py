@@ -1,0 +1,1 @@
+"""Benchmarks: `cryptotui bench NAME --json`, each on a throwaway stack."""
