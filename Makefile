@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CRYPTOTUI := $(BIN)/cryptotui
 
-.PHONY: setup test test-fast test-spark lint demo run stack-up stack-down stack-status bench clean
+.PHONY: setup test test-fast test-spark lint docs demo run stack-up stack-down stack-status bench clean
 
 setup:
 	bash stack/setup.sh
@@ -20,6 +20,10 @@ test-fast: setup
 ## Only the Spark-session tests.
 test-spark: setup
 	$(BIN)/pytest -ra -m spark
+
+## Regenerate the README's settings table from the code.
+docs: setup
+	$(BIN)/python stack/update_readme_settings.py
 
 lint: setup
 	$(BIN)/ruff check cryptotui spark tests
