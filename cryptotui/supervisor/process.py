@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ class ChildProcess:
         self.started_at: float | None = None  # wall clock
         self._started_mono: float | None = None
         self._ended_mono: float | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._exit: asyncio.Future[int] | None = None
+        self._transport: asyncio.ReadTransport | None = None
         self._reader: asyncio.Task[None] | None = None
         self._descendants: dict[int, psutil.Process] = {}
         self._finishing: asyncio.Task[None] | None = None
@@ -94,12 +97,12 @@ class ChildProcess:
     @property
     def running(self) -> bool:
         """Started and its exit not yet observed by `wait()`."""
-        return self._proc is not None and self.returncode is None
+        return self._popen is not None and self.returncode is None
 
     @property
     def alive(self) -> bool:
-        """The OS process still exists (not yet reaped)."""
-        return self._proc is not None and self._proc.returncode is None
+        """The OS process still exists (its exit not yet seen)."""
+        return self._exit is not None and not self._exit.done()
 
     @property
     def uptime_s(self) -> float:
@@ -110,29 +113,52 @@ class ChildProcess:
 
     async def start(self) -> int:
         """Start the process; returns its PID."""
-        if self._proc is not None:
+        if self._popen is not None:
             raise RuntimeError(f"{self.name} was already started")
+        loop = asyncio.get_running_loop()
         self.log.write(f"--- cryptotui supervisor: starting {' '.join(self.spec.argv)}")
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.spec.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self.spec.env,
-            cwd=self.spec.cwd,
-            start_new_session=True,
-            limit=_READ_LIMIT,
+        # Popen, not asyncio's subprocess: asyncio reports the exit only once every holder of the output
+        # pipe closed it, and a stage's own children (a Spark JVM) may hold it long after the stage died.
+        self._popen = subprocess.Popen(
+            list(self.spec.argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=self.spec.env, cwd=self.spec.cwd, start_new_session=True,
         )
-        self.pid = self._proc.pid
+        self.pid = self._popen.pid
         self.started_at = time.time()
         self._started_mono = time.monotonic()
-        self._reader = asyncio.create_task(self._read_output(), name=f"output:{self.name}")
+        self._exit = loop.create_future()
+        self._watch_exit(loop)
+        assert self._popen.stdout is not None
+        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        self._transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), self._popen.stdout)
+        self._reader = asyncio.create_task(self._read_output(reader), name=f"output:{self.name}")
         self.log.write(f"--- cryptotui supervisor: {self.name} pid {self.pid}")
         return self.pid
 
-    async def _read_output(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        stream = self._proc.stdout
+    def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Resolve `self._exit` with the exit code when the process ends (pidfd, else a thread)."""
+        assert self._popen is not None and self._exit is not None
+        popen, future = self._popen, self._exit
+
+        def reaped(code: int) -> None:
+            if not future.done():
+                future.set_result(code)
+
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):
+            loop.run_in_executor(None, popen.wait).add_done_callback(lambda done: reaped(done.result()))
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            reaped(popen.wait())
+
+        loop.add_reader(pidfd, readable)
+
+    async def _read_output(self, stream: asyncio.StreamReader) -> None:
         while True:
             try:
                 raw = await stream.readline()
@@ -150,27 +176,32 @@ class ChildProcess:
 
     async def wait(self) -> int:
         """Wait for the exit (and the end of its output); returns the exit code (negative: signal)."""
-        if self._proc is None:
+        if self._exit is None:
             raise RuntimeError(f"{self.name} was not started")
-        code = await self._proc.wait()
+        code = await asyncio.shield(self._exit)
         if self._finishing is None:
             self._finishing = asyncio.create_task(self._finish(code), name=f"finish:{self.name}")
         await asyncio.shield(self._finishing)
         assert self.returncode is not None
         return self.returncode
 
-    async def _finish(self, code: int) -> None:
-        if self._reader is not None:
-            # Descendants may keep the pipe open; do not wait for them forever.
+    async def _wait_output(self, timeout: float) -> None:
+        if self._reader is not None and not self._reader.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+
+    async def _finish(self, code: int) -> None:
         self._ended_mono = time.monotonic()
-        self.log.write(f"--- cryptotui supervisor: {self.name} pid {self.pid} exited with {code}")
+        await self._wait_output(1.0)  # the last lines it wrote
         await asyncio.to_thread(self.end_descendants)
+        await self._wait_output(1.0)
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if self._transport is not None:
+            self._transport.close()
+        self.log.write(f"--- cryptotui supervisor: {self.name} pid {self.pid} exited with {code}")
         self.returncode = code
 
     def track_descendants(self) -> None:
@@ -213,13 +244,13 @@ class ChildProcess:
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait up to `timeout`, then SIGKILL; returns the exit code."""
-        if self._proc is None:
+        if self._exit is None:
             raise RuntimeError(f"{self.name} was not started")
         if self.alive:
             self.track_descendants()
             self.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout)
+                await asyncio.wait_for(asyncio.shield(self._exit), timeout)
             except TimeoutError:
                 log.warning("%s (pid %s) did not exit %.0f s after SIGTERM; killing it", self.name, self.pid, timeout)
                 self.log.write(f"--- cryptotui supervisor: no exit {timeout:.0f} s after SIGTERM, sending SIGKILL")
