@@ -337,7 +337,11 @@ async def _record_until_stopped(url: str, writer: Any, deadline: float) -> None:
     last_flush = loop.time()
     while loop.time() < deadline:
         try:
-            async with websockets.connect(url, ping_interval=None, max_size=2**22, open_timeout=10) as ws:
+            # max_queue=None: with a bounded queue websockets stops reading once it is full, and a
+            # close handshake started then waits its whole close_timeout for a frame stuck behind data.
+            async with websockets.connect(
+                url, ping_interval=None, max_size=2**22, max_queue=None, open_timeout=10, close_timeout=2
+            ) as ws:
                 backoff = 1.0
                 while (remaining := deadline - loop.time()) > 0:
                     try:

@@ -329,19 +329,29 @@ class FeedServer:
             self._start_source()
         log.info("feed server listening on %s", self.url)
 
-    async def stop(self) -> None:
-        """Close every connection (1001 going away), stop the source and the listener."""
+    async def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop the source, let clients receive what is queued for them (at most `flush_timeout_s`),
+        then close every connection (1001 going away) and the listener."""
         if self._runner is None:
             return
-        for task in [*self._tasks, *([self._pump] if self._pump else [])]:
+        background = [*self._tasks, *([self._pump] if self._pump else [])]
+        for task in background:
             task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await self._flush(flush_timeout_s)
         await asyncio.gather(
             *(self._close(conn, 1001, "server stopping", None) for conn in list(self._connections)),
             return_exceptions=True,
         )
-        await asyncio.gather(*self._tasks, *([self._pump] if self._pump else []), return_exceptions=True)
         runner, self._runner = self._runner, None
         await runner.cleanup()
+
+    async def _flush(self, timeout_s: float) -> None:
+        """Wait until no open connection has batches queued: a replay's last messages reach the client."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline and any(not conn.closing and not conn.queue.empty() for conn in self._connections):
+            await asyncio.sleep(0.01)
 
     async def __aenter__(self) -> FeedServer:
         await self.start()

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 from cryptotui.feed import (
     DECIMALS_SCALE,
-    AggTradeRecord,
     Emit,
     Event,
     FeedSource,
     MarketHistory,
-    TradeRecord,
     format_decimal,
     parse_speed,
     stream_name,
@@ -287,7 +285,7 @@ class SimulatedMarket(FeedSource):
                 f'"q":"{qty_text}","T":{ms},"m":{maker_text},"M":true}}',
             )
         )
-        self.history.add_trade(symbol, TradeRecord(trade_id, price_text, qty_text, ms, buyer_is_maker))
+        self.history.add_trade_e8(symbol, trade_id, price, qty, ms, buyer_is_maker)
         # Binance aggregates consecutive trades with the same price, taker side and millisecond.
         if book.agg_price == price and book.agg_maker == buyer_is_maker and book.agg_time == ms:
             book.agg_qty += qty
@@ -318,8 +316,8 @@ class SimulatedMarket(FeedSource):
                 f'"f":{book.agg_first},"l":{book.agg_last},"T":{ms},"m":{"true" if maker else "false"},"M":true}}',
             )
         )
-        self.history.add_agg_trade(
-            symbol, AggTradeRecord(agg_id, price_text, qty_text, book.agg_first, book.agg_last, ms, maker)
+        self.history.add_agg_trade_e8(
+            symbol, agg_id, book.agg_price, book.agg_qty, book.agg_first, book.agg_last, ms, maker
         )
         book.agg_price = -1
 

@@ -19,7 +19,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from cryptotui.feed.faults import Faults
-from cryptotui.feed.recording import RecordingSource, RecordingWriter
+from cryptotui.feed.recording import RecordingSource, RecordingWriter, read_recording
 from cryptotui.feed.server import FeedServer, FeedServerConfig
 from cryptotui.feed.simulate import SimulatedMarket
 
@@ -454,3 +454,32 @@ async def test_feed_serve_command_prints_its_port_and_serves() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_feed_record_command_records_until_stopped(tmp_path: Path) -> None:
+    async with running() as server:
+
+        async def record(out: Path, *extra: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cryptotui.feed.cli", "record", "--url", server.url, "--out", str(out),
+                "--symbols", "BTCUSDT", "--streams", "trade,bookTicker", *extra,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
+        stopped_by_signal = await record(tmp_path / "a.jsonl.gz")
+        timed = await record(tmp_path / "b.jsonl", "--duration", "1")
+        while server.stats.connections_opened < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stopped_by_signal.send_signal(signal.SIGTERM)
+        for process in (stopped_by_signal, timed):
+            _, stderr = await asyncio.wait_for(process.communicate(), 15)
+            assert process.returncode == 0, stderr.decode()
+            assert b"recorded" in stderr
+    for name in ("a.jsonl.gz", "b.jsonl"):
+        recorded = list(read_recording(tmp_path / name, strict=True))
+        assert {message.stream for message in recorded} == {"btcusdt@trade", "btcusdt@bookTicker"}
+        stamps = [message.received_ns for message in recorded]
+        assert None not in stamps and stamps == sorted(stamps)
+        ids = [message.data["t"] for message in recorded if message.stream == "btcusdt@trade"]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
