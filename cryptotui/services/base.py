@@ -47,6 +47,26 @@ class Service(ABC):
     def external(self) -> bool:
         """True when the user points cryptotui at a server it does not manage."""
 
+    @property
+    def installed(self) -> bool:
+        """The service's binaries are on this machine (external services need none)."""
+        return True
+
+    def pid(self) -> int | None:
+        """The pid the running (or crashed) embedded server recorded, else None."""
+        return None
+
+    def local_state(self) -> ServiceState:
+        """State from the pid file alone: a recorded pid that is gone means the server crashed."""
+        if self.external:
+            return "external"
+        if not self.installed:
+            return "not-installed"
+        pid = self.pid()
+        if pid is None:
+            return "stopped"
+        return "running" if pid_alive(pid) else "crashed"
+
     @abstractmethod
     async def start(self) -> None:
         """Start (or, when external, check) the service and wait until it is healthy; idempotent."""

@@ -81,15 +81,9 @@ class KafkaService(Service):
         control = self._control()
         return int(control["pid"]) if control and "pid" in control else None
 
-    def _state(self) -> str:
-        if self.external:
-            return "external"
-        if self.binary is None:
-            return "not-installed"
-        pid = self.pid()
-        if pid is None:
-            return "stopped"
-        return "running" if pid_alive(pid) else "crashed"
+    @property
+    def installed(self) -> bool:
+        return self.binary is not None
 
     def _broker_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         assert self.binary is not None
@@ -107,7 +101,7 @@ class KafkaService(Service):
             return
         if self.binary is None:
             raise ServiceError("the noida-db broker is not installed: run `make setup`")
-        state = self._state()
+        state = self.local_state()
         if state == "running":
             return
         if state == "crashed":
@@ -140,7 +134,7 @@ class KafkaService(Service):
         return sorted(name for name in metadata.topics if not name.startswith("__"))
 
     async def stop(self) -> None:
-        if self.external or self._state() != "running":
+        if self.external or self.local_state() != "running":
             return
         await asyncio.to_thread(self._broker_command, "down")
 
@@ -172,7 +166,7 @@ class KafkaService(Service):
                     raise ServiceError(f"cannot create topic {topic}: {error}") from None
 
     async def status(self) -> ServiceStatus:
-        state = self._state()
+        state = self.local_state()
         status = ServiceStatus(self.name, state, address=self.address, details={"topics": []})  # type: ignore[arg-type]
         if state == "not-installed":
             status.address = None

@@ -110,15 +110,9 @@ class PostgresService(Service):
         except (OSError, ValueError, IndexError):
             return None
 
-    def _state(self) -> str:
-        if self.external:
-            return "external"
-        if self.bindir is None:
-            return "not-installed"
-        pid = self.pid()
-        if pid is None:
-            return "stopped"
-        return "running" if pid_alive(pid) else "crashed"
+    @property
+    def installed(self) -> bool:
+        return self.bindir is not None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _chown_to_service_account(self, path: Path) -> None:
@@ -185,7 +179,7 @@ class PostgresService(Service):
             return
         if self.bindir is None:
             raise ServiceError("PostgreSQL server binaries not found (initdb, pg_ctl): run `make setup`")
-        state = self._state()
+        state = self.local_state()
         if state == "running":
             return
         if not port_free(self.settings.postgres_port):
@@ -255,7 +249,7 @@ class PostgresService(Service):
         await conn.close()
 
     async def stop(self) -> None:
-        if self.external or self._state() != "running":
+        if self.external or self.local_state() != "running":
             return
         await asyncio.to_thread(
             self._run, "pg_ctl", "-D", str(self.cluster_dir), "-m", "fast", "-w", "-t", "30", "stop"
@@ -289,7 +283,7 @@ class PostgresService(Service):
             await conn.close()
 
     async def status(self) -> ServiceStatus:
-        state = self._state()
+        state = self.local_state()
         status = ServiceStatus(self.name, state, details={"timescaledb": None})  # type: ignore[arg-type]
         if self.external:
             status.address = redact(self.settings.database_url or "")
