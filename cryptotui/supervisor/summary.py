@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 # Counter names, first match wins: stages name their figures in their own words.
-MESSAGES_IN_KEYS: tuple[str, ...] = ("messages_in", "received", "messages_received", "messages", "produced")
+MESSAGES_IN_KEYS: tuple[str, ...] = ("messages_in", "received", "messages_received", "produced", "messages")
 ROWS_WRITTEN_KEYS: tuple[str, ...] = ("rows_written", "rows", "written", "rows_inserted", "inserted")
 
 SUMMARY_QUERY = """
@@ -37,14 +37,20 @@ SELECT
 
 
 def counter(counters: Mapping[str, Any], keys: Sequence[str]) -> float | None:
-    """The first numeric counter among `keys` (a nested `{"total": n}` counts too), or None."""
+    """The first numeric counter among `keys`, or None. A mapping counts as its `total`, else as the sum of
+    its numbers (per-table counters such as `{"trades": 5, "book_ticker": 7}`)."""
     for key in keys:
         value = counters.get(key)
         if isinstance(value, Mapping):
-            value = value.get("total")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers = [item for item in value.values() if _is_number(item)]
+            value = value["total"] if "total" in value else (sum(numbers) if numbers else None)
+        if _is_number(value):
             return float(value)
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def rate(previous: float | None, current: float | None, seconds: float) -> float | None:

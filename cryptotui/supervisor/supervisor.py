@@ -110,7 +110,8 @@ def feed_command(settings: Settings, port: int) -> list[str] | None:
     """The feed server for `sim` / `replay:PATH` sources (None for `binance`)."""
     base = [sys.executable, "-m", "cryptotui", "feed", "serve"]
     if settings.source == "sim":
-        return [*base, "--simulate", "--speed", settings.speed, "--port", str(port)]
+        return [*base, "--simulate", "--symbols", ",".join(settings.symbols), "--speed", settings.speed,
+                "--port", str(port)]
     if settings.source.startswith("replay:"):
         path = str(Path(settings.source.removeprefix("replay:")).expanduser().resolve())
         return [*base, "--recording", path, "--speed", settings.speed, "--port", str(port)]

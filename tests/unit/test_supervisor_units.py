@@ -42,6 +42,7 @@ def test_feed_command_follows_the_source(tmp_path: Path) -> None:
     assert feed_command(load_settings(source="binance"), 0) is None
     sim = feed_command(load_settings(source="sim", speed="5"), 0)
     assert sim is not None and "--simulate" in sim and sim[sim.index("--speed") + 1] == "5"
+    assert sim[sim.index("--symbols") + 1] == "BTCUSDT,ETHUSDT,BNBUSDT"
     replay = feed_command(load_settings(source=f"replay:{tmp_path}/x.jsonl", speed="max"), 4321)
     assert replay is not None and replay[replay.index("--recording") + 1] == f"{tmp_path}/x.jsonl"
     assert replay[replay.index("--port") + 1] == "4321" and replay[replay.index("--speed") + 1] == "max"
@@ -141,6 +142,7 @@ def test_rates_between_samples_and_after_a_counter_reset() -> None:
     assert counter({"rows_written": 7, "rows": 9}, ("rows_written", "rows")) == 7
     assert counter({"rows": {"total": 4}}, ("rows_written", "rows")) == 4
     assert counter({"rows": True}, ("rows",)) is None
+    assert counter({"rows_written": {"trades": 3, "book_ticker": 4}}, ("rows_written",)) == 7
 
 
 def test_summary_line_names_every_figure() -> None:
