@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from cryptotui.feed import AggTradeRecord, Event, FeedSource, TradeRecord, is_valid_stream
+from cryptotui.feed import AggTradeRecord, Event, FeedSource, MarketHistory, TradeRecord, is_valid_stream
 from cryptotui.feed.faults import Faults, MessageFaults
 
 __all__ = [
@@ -271,7 +271,6 @@ class FeedServer:
         self._pump: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stall_until = 0.0
-        self._started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -293,7 +292,13 @@ class FeedServer:
 
     @property
     def connections(self) -> int:
+        """Open client connections."""
         return len(self._connections)
+
+    @property
+    def history(self) -> MarketHistory:
+        """Every trade and aggTrade the source produced (bounded), as the REST endpoints serve them."""
+        return self.source.history
 
     def _url_host(self) -> str:
         host = self.config.host
@@ -323,7 +328,6 @@ class FeedServer:
         await site.start()
         self._runner = runner
         self._port = int(runner.addresses[0][1])
-        self._started_at = asyncio.get_running_loop().time()
         self._schedule_faults()
         if not self.config.start_source_on_subscribe:
             self._start_source()

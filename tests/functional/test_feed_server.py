@@ -379,6 +379,26 @@ async def test_scheduled_shutdown_fault() -> None:
         assert ws.close_code == 1001
 
 
+async def test_scheduled_drops_and_stall() -> None:
+    faults = Faults(drop_every_s=0.4, stall_after_s=0.2, stall_for_s=0.5)
+    async with running(faults=faults) as server:
+        loop = asyncio.get_running_loop()
+        arrivals: list[float] = []
+        async with connect(f"{server.url}/ws/btcusdt@bookTicker") as ws:
+            with pytest.raises(websockets.ConnectionClosedError):  # a TCP reset, no close frame
+                while True:
+                    await asyncio.wait_for(ws.recv(), 3)
+                    arrivals.append(loop.time())
+        # The stall began at 0.2 s and outlasts the drop at 0.4 s: silence, then the reset.
+        dropped_at = loop.time()
+        assert arrivals and dropped_at - arrivals[-1] > 0.15
+        async with connect(f"{server.url}/ws/btcusdt@bookTicker") as ws:
+            with pytest.raises(websockets.ConnectionClosedError):
+                await receive(ws, 100_000)
+        assert server.stats.drops["fault_drop"] >= 2
+        assert server.stats.stalled > 0
+
+
 # --- recordings -------------------------------------------------------------------------------------------
 
 
