@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 
-from cryptotui.feed import STREAM_KINDS, is_valid_stream, parse_speed, stream_name
+from cryptotui.feed.source import STREAM_KINDS, is_valid_stream, parse_speed, stream_name
 
 __all__ = ["combined_stream_url", "feed"]
 

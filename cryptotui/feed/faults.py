@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from cryptotui.feed import Event, stream_kind
+from cryptotui.feed.source import Event, stream_kind
 
 __all__ = ["MALFORMED_KINDS", "Faults", "MessageFaults", "malform"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cryptotui.feed import (
+from cryptotui.feed.source import (
     AggTradeRecord,
     Emit,
     Event,

@@ -27,8 +27,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from cryptotui.feed import AggTradeRecord, Event, FeedSource, MarketHistory, TradeRecord, is_valid_stream
 from cryptotui.feed.faults import Faults, MessageFaults
+from cryptotui.feed.source import AggTradeRecord, Event, FeedSource, MarketHistory, TradeRecord, is_valid_stream
 
 __all__ = [
     "ControlError",

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cryptotui.feed import (
+from cryptotui.feed.source import (
     DECIMALS_SCALE,
     Emit,
     Event,

@@ -8,9 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from cryptotui.feed import Event
 from cryptotui.feed.faults import MALFORMED_KINDS, Faults, MessageFaults, malform
 from cryptotui.feed.simulate import SimulatedMarket
+from cryptotui.feed.source import Event
 
 TRADE = Event(
     "btcusdt@trade",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptotui.feed import Event
 from cryptotui.feed.recording import RecordingSource, RecordingWriter, parse_line, read_recording
+from cryptotui.feed.source import Event
 
 T0_MS = 1_767_225_600_000
 

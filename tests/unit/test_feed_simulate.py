@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from cryptotui.feed import Event
 from cryptotui.feed.simulate import SimulatedMarket, symbol_spec
+from cryptotui.feed.source import Event
 
 DECIMAL_RE = re.compile(r"^\d+\.\d{8}$")
 TRADE_FIELDS = {"e": str, "E": int, "s": str, "t": int, "p": str, "q": str, "T": int, "m": bool, "M": bool}
