@@ -318,7 +318,7 @@ async def _record(url: str, out_path: Path, duration: float | None, timestamps: 
     loop = asyncio.get_running_loop()
     deadline = math.inf if duration is None else loop.time() + duration
     with RecordingWriter(out_path, timestamps=timestamps) as writer:
-        recorder = asyncio.create_task(_record_until_stopped(url, writer, deadline))
+        recorder = asyncio.create_task(_record_until_stopped(url, writer, deadline, stop))
         stopper = asyncio.create_task(stop.wait())
         timeout = None if duration is None else duration + 1
         await asyncio.wait([recorder, stopper], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -328,14 +328,19 @@ async def _record(url: str, out_path: Path, duration: float | None, timestamps: 
         return writer.count
 
 
-async def _record_until_stopped(url: str, writer: Any, deadline: float) -> None:
-    """Record, reconnecting with backoff after failures, until the deadline."""
+async def _record_until_stopped(url: str, writer: Any, deadline: float, stop: asyncio.Event) -> None:
+    """Record, reconnecting with backoff after failures, until the deadline or the stop event.
+
+    The loops check `stop` themselves instead of relying on cancellation alone: on Python 3.11,
+    `asyncio.wait_for` loses a cancellation that arrives as the awaited message does, which at
+    thousands of messages per second happens often enough to hang a recorder.
+    """
     import websockets
 
     loop = asyncio.get_running_loop()
     backoff = 1.0
     last_flush = loop.time()
-    while loop.time() < deadline:
+    while loop.time() < deadline and not stop.is_set():
         try:
             # max_queue=None: with a bounded queue websockets stops reading once it is full, and a
             # close handshake started then waits its whole close_timeout for a frame stuck behind data.
@@ -343,9 +348,10 @@ async def _record_until_stopped(url: str, writer: Any, deadline: float) -> None:
                 url, ping_interval=None, max_size=2**22, max_queue=None, open_timeout=10, close_timeout=2
             ) as ws:
                 backoff = 1.0
-                while (remaining := deadline - loop.time()) > 0:
+                while (remaining := deadline - loop.time()) > 0 and not stop.is_set():
                     try:
-                        text = await asyncio.wait_for(ws.recv(), timeout=min(remaining, 5.0))
+                        async with asyncio.timeout(min(remaining, 5.0)):
+                            text = await ws.recv()
                     except TimeoutError:
                         continue
                     received_ns = time.time_ns()
