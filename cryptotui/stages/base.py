@@ -28,7 +28,8 @@ from cryptotui.db.schema import apply_schema
 log = logging.getLogger(__name__)
 
 # A stage must exit within 10 s of SIGTERM; leave room for the final status write.
-FLUSH_TIMEOUT_S = 7.0
+CANCEL_TIMEOUT_S = 2.0
+FLUSH_TIMEOUT_S = 5.0
 EXIT_OK = 0
 EXIT_FAILED = 1
 
@@ -111,6 +112,24 @@ async def prepare_database(settings: Settings) -> None:
         await conn.close()
 
 
+async def cancel_and_wait(task: asyncio.Task[None], timeout: float) -> None:
+    """Cancel a task and wait until it has really ended, cancelling again if needed.
+
+    On Python 3.11 `asyncio.wait_for` can swallow a cancellation that arrives just as its awaitable
+    completes, so a loop around it may survive one cancel; repeating it keeps the 10 s exit promise.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not task.done():
+        task.cancel()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            log.error("task %s ignored cancellation for %.1f s; exiting without it", task.get_name(), timeout)
+            return
+        await asyncio.wait({task}, timeout=min(0.5, remaining))
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("task %s ended with %r while stopping", task.get_name(), task.exception())
+
+
 class StageRunner:
     """Runs one stage under the contract; `await runner.run()` returns the process exit code."""
 
@@ -153,9 +172,7 @@ class StageRunner:
             else:
                 log.info("stage %s stopping on signal", self.stage.name)
                 self._state = "stopping"
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+                await cancel_and_wait(work, CANCEL_TIMEOUT_S)
                 await asyncio.wait_for(self.stage.flush(), FLUSH_TIMEOUT_S)
             self._state = "stopped"
             return EXIT_OK
