@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -118,6 +119,10 @@ class SinkStage(Stage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.group_id = GROUP_ID
+        # Static group membership: a restarted sink takes its old place at once. (Also needed with
+        # noida-db, which never expires a dead member: after a SIGKILL, a new dynamic member of the group
+        # would wait forever for the rebalance to complete.) Two sinks on one host need distinct ids.
+        self.instance_id = f"{GROUP_ID}-{socket.gethostname()}"
         self.batch_size = settings.sink_batch_size
         self.batch_timeout_s = settings.sink_batch_timeout_s
         self.topic_mappings: dict[str, TableMapping] = {
@@ -169,6 +174,7 @@ class SinkStage(Stage):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=servers,
             group_id=self.group_id,
+            group_instance_id=self.instance_id,
             client_id="cryptotui-sink",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -224,10 +230,10 @@ class SinkStage(Stage):
     async def close(self) -> None:
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        for client in (self._consumer, self._producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.stop(), 5)
+        # The runner allows 2 s for close(): stop both clients at once (the consumer leaves the group).
+        clients = [client for client in (self._consumer, self._producer) if client is not None]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(client.stop() for client in clients), return_exceptions=True), 1.5)
         await self._drop_connection()
 
     def status(self) -> dict[str, Any]:
