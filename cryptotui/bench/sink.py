@@ -38,6 +38,7 @@ from confluent_kafka import Producer
 from cryptotui.config import Settings, child_env
 from cryptotui.db.connection import database_url
 from cryptotui.services.kafka import bootstrap_servers
+from cryptotui.stages.sink import GROUP_ID
 
 STREAM_MIX = {"trade": 0.3, "aggTrade": 0.2, "bookTicker": 0.5}
 # symbol -> (start price, price tick, typical quantity)
@@ -176,8 +177,8 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-async def stored_offsets(conn: asyncpg.Connection) -> dict[tuple[str, int], int]:
-    rows = await conn.fetch("SELECT topic, partition, next_offset FROM sink_offsets WHERE group_id = 'cryptotui-sink'")
+async def stored_offsets(conn: asyncpg.Connection, group: str = GROUP_ID) -> dict[tuple[str, int], int]:
+    rows = await conn.fetch("SELECT topic, partition, next_offset FROM sink_offsets WHERE group_id = $1", group)
     return {(row["topic"], row["partition"]): row["next_offset"] for row in rows}
 
 
