@@ -239,7 +239,8 @@ async def test_poison_messages_go_to_the_dead_letter_topic_with_their_reason(
         ("trade", "BTCUSDT", json.dumps({**base, "t": 2**64}).encode(), "out of range for bigint"),
         ("trade", "BTCUSDT", json.dumps({**base, "T": 10**17}).encode(), "out of range for a timestamp"),
         ("aggTrade", "BTCUSDT", json.dumps({**base, "t": 5}).encode(), "expected 'aggTrade'"),
-        ("bookTicker", "ETHUSDT", json.dumps({"u": 1, "s": "ETHUSDT", "b": "1.0", "B": "1.0", "a": "1.1", "recv_ns": 5}).encode(),
+        ("bookTicker", "ETHUSDT",
+         json.dumps({"u": 1, "s": "ETHUSDT", "b": "1.0", "B": "1.0", "a": "1.1", "recv_ns": 5}).encode(),
          "missing field 'A'"),
         ("bookTicker", "ETHUSDT", b"[1, 2, 3]", "not a JSON object"),
     ]
@@ -408,3 +409,43 @@ async def test_a_rebalance_flushes_and_commits_before_giving_partitions_up(
     duplicates = sum(first.counters["duplicates"].values()) + sum(second.counters["duplicates"].values())
     assert duplicates == 0
     assert first.counters["transactions"] > 0 and second.counters["transactions"] > 0
+
+
+async def test_broker_restart_keeps_the_offsets_and_loses_nothing(
+    stack: Stack, settings: Settings, db: asyncpg.Connection, log_path: Path
+) -> None:
+    messages, more = realistic(2000, seed=14), realistic(4000, seed=14)[2000:]  # ids go on where they stopped
+    produce_values(settings, messages)
+    process = start_sink(settings, log_path)
+    try:
+        await wait_stored(settings, 60, process, log_path)
+        await asyncio.sleep(1.5)  # the throttled Kafka commit of the last offsets
+        group_offsets = await kafka_committed(settings)
+        assert group_offsets == {tp: offset for tp, offset in (await stored_offsets(db)).items()}
+        await stack.kafka.stop()
+        try:
+            await asyncio.sleep(3)
+        finally:
+            await stack.kafka.start()
+        # Committed offsets survive the broker restart (the sink does not rely on them, tools do).
+        assert await kafka_committed(settings) == group_offsets
+        produce_values(settings, more)
+        await wait_stored(settings, 90, process, log_path)
+    finally:
+        assert stop_process(process) == 0, log_text(log_path)
+    assert_exactly(await stored_keys(db), produced_keys(messages + more))
+    counters = await sink_counters(db)
+    assert sum(counters["duplicates"].values()) == 0
+
+
+async def kafka_committed(settings: Settings) -> dict[tuple[str, int], int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(settings))
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(GROUP_ID)
+    finally:
+        await admin.close()
+    topics = set(settings.market_topics.values())
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if tp.topic in topics}
