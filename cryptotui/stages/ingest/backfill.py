@@ -174,7 +174,11 @@ class Backfiller:
             if not ranges:
                 return  # all filled (or given up)
             start = ranges[0][0]
-            limit = min(PAGE, job.hi - start + 1)
+            # One page also serves the queued gaps of the same stream that fall within its 1000 ids.
+            window_hi = min(start + PAGE - 1, max([job.hi, *(other.hi for other in self._queue if other.kind == kind
+                                                             and other.symbol == symbol
+                                                             and other.lo < start + PAGE)]))
+            limit = window_hi - start + 1
             try:
                 rows = await self._fetch(session, kind, symbol, start, limit)
             except _RetryLater as pause:
@@ -199,7 +203,7 @@ class Backfiller:
                 if type(row_id) is not int or row_id < start:
                     continue
                 highest = max(highest, row_id)
-                if row_id > job.hi:
+                if row_id > window_hi:
                     continue
                 try:
                     event = convert(row, symbol)
@@ -211,10 +215,10 @@ class Backfiller:
                 self._deliver(kind, symbol, events, recv_ns)
             if len(rows) < limit or highest < start:
                 # The server has nothing more from `start` on: what is still missing, it does not have.
-                for lo, hi in self._missing(kind, symbol, start, job.hi):
+                for lo, hi in self._missing(kind, symbol, start, max(job.hi, window_hi)):
                     self._give_up(kind, symbol, lo, hi, "backfill: the REST API does not have these ids")
                 return
-            for lo, hi in self._missing(kind, symbol, start, min(highest, job.hi)):
+            for lo, hi in self._missing(kind, symbol, start, min(highest, window_hi)):
                 self._give_up(kind, symbol, lo, hi, "backfill: ids absent from the REST answer")
 
     async def _fetch(self, session: aiohttp.ClientSession, kind: str, symbol: str, from_id: int,

@@ -234,7 +234,10 @@ class WebSocketClient(asyncio.Protocol):
             self.last_message_at = time.monotonic()
             if not self.first_message.is_set():
                 self.first_message.set()
-            self._on_messages(self, texts, recv_ns)
+            try:
+                self._on_messages(self, texts, recv_ns)
+            except Exception:  # the handler's bug must not take the connection down
+                log.exception("%s: the message handler failed", self.name)
 
     def _other_frame(self, b0: int, payload: bytes, texts: list[str], recv_ns: int) -> None:
         opcode = b0 & 0x0F

@@ -23,6 +23,8 @@ RECENT_IDS = 4096
 #: An id this far below the last one on a single connection means the source restarted its sequence
 #: (a restarted simulator, a replayed recording): the tracker starts over instead of dropping everything.
 RESET_SPAN = 10_000
+#: Gaps logged one by one per check; more are summed up in one line.
+LOG_GAPS = 10
 _UNSET = -(1 << 62)
 
 
@@ -83,8 +85,12 @@ class GapBook:
             self.gaps += 1
             self.gap_ids += gap.remaining
             self.open.append(gap)
-            log.warning("gap: %s", gap.describe())
             confirmed.append(gap)
+        for gap in confirmed[:LOG_GAPS]:
+            log.warning("gap: %s", gap.describe())
+        if len(confirmed) > LOG_GAPS:
+            log.warning("... and %d more gaps (%d ids)", len(confirmed) - LOG_GAPS,
+                        sum(gap.size for gap in confirmed[LOG_GAPS:]))
         return confirmed
 
     def settle(self) -> None:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,10 @@ LOCK_FILE = "ingest.lock"
 RESUME_FILL = 0.5
 #: Lines read from the spill per step of the drain loop (between steps the event loop runs).
 DRAIN_CHUNK = 2000
+#: Acknowledged messages kept this long (seconds of acknowledgements) to send again if the broker turns out to
+#: have lost them: an idempotent producer learns it from a sequence error after the broker restarted (the
+#: embedded broker acknowledges writes while it shuts down and does not keep them).
+RESEND_WINDOW_S = 5.0
 _RETRY_CODES = {
     KafkaError._PURGE_QUEUE,
     KafkaError._PURGE_INFLIGHT,
@@ -48,7 +53,16 @@ _RETRY_CODES = {
     KafkaError._TIMED_OUT,
     KafkaError._TRANSPORT,
     KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._FATAL,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError._DESTROY,
 }
+
+
+# Fatal errors of an idempotent producer that mean the broker does not have messages it acknowledged.
+_LOST_ACKED = {KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.UNKNOWN_PRODUCER_ID}
 
 
 def producer_config(bootstrap: str, queue_messages: int, **extra: Any) -> dict[str, Any]:
@@ -67,7 +81,7 @@ def producer_config(bootstrap: str, queue_messages: int, **extra: Any) -> dict[s
         "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 2000,
         "socket.keepalive.enable": True,
-        "log_level": 3,  # librdkafka errors only: a down broker logs a line per retry otherwise
+        "log_level": 2,  # errors reach error_cb; a down broker would otherwise log a line per retry
     }
     config.update(extra)
     return config
@@ -303,8 +317,14 @@ class KafkaOutput:
     ) -> None:
         self.capacity = capacity
         self.spill = SpillStore(spill_dir)
-        self._producer = Producer(producer_config(bootstrap, capacity, on_delivery=self._on_delivery, **config))
+        self._config = producer_config(bootstrap, capacity, on_delivery=self._on_delivery, error_cb=self._on_error,
+                                       **config)
+        self._producer = Producer(self._config)
         self._produce = self._producer.produce
+        self._fatal: KafkaError | None = None
+        self.restarts = 0  # producers replaced after a fatal error
+        self.resent = 0  # acknowledged messages sent again because the broker lost them
+        self._recent: deque[tuple[float, str, bytes | None, bytes, int]] = deque()
         self._on_failed = on_failed  # (topic, key, value, error): messages the broker rejected for good
         self.spilling = self.spill.pending > 0  # live messages go to the spill while it has older ones
         self.sent = 0  # handed to the producer (live and from the spill)
@@ -340,8 +360,8 @@ class KafkaOutput:
             self.spilled += 1
             self._spill_dirty = True
             return
-        except KafkaException as error:  # e.g. an unknown topic: keep it rather than lose it
-            self._note_error(f"produce: {error}")
+        except KafkaException as error:  # a fatal producer error, an unknown topic: keep it, never lose it
+            self._produce_error(error)
             self.spilling = True
             self.spill.append(topic, key, value, ts_ms)
             self.spilled += 1
@@ -350,16 +370,75 @@ class KafkaOutput:
         self.sent += 1
         self._since_poll += 1
         if self._since_poll >= 512:
-            self._since_poll = 0
-            self._producer.poll(0)
+            self.poll()
 
     def poll(self) -> None:
-        """Serve delivery reports; call often (the stage does after every batch of messages)."""
+        """Serve delivery reports; call often (the stage does after every batch of messages). Never raises."""
         self._since_poll = 0
-        self._producer.poll(0)
+        try:
+            self._producer.poll(0)
+        except KafkaException as error:
+            self._produce_error(error)
+        if self._fatal is not None:
+            self._replace_producer()
+        recent = self._recent
+        if len(recent) > self.capacity:
+            for _ in range(len(recent) - self.capacity):
+                recent.popleft()
+        if recent:
+            horizon = recent[-1][0] - RESEND_WINDOW_S * 1000.0
+            while recent and recent[0][0] < horizon:
+                recent.popleft()
         if self._spill_dirty:
             self._spill_dirty = False
             self.spill.flush()
+
+    def _produce_error(self, error: KafkaException) -> None:
+        kafka_error = error.args[0] if error.args and isinstance(error.args[0], KafkaError) else None
+        if kafka_error is not None and (kafka_error.fatal() or kafka_error.code() == KafkaError._FATAL):
+            self._fatal = self._fatal or kafka_error
+        self._note_error(f"produce: {error}")
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's global errors: a down broker is normal here (messages wait), a fatal one is not."""
+        if err.fatal():
+            self._fatal = err
+            self._note_error(f"fatal: {err.str()}")
+        elif err.code() not in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            self._note_error(err.str())
+
+    def _replace_producer(self) -> None:
+        """After a fatal error (e.g. an idempotent producer whose broker lost its sequence state on a
+        restart) the producer cannot send any more: spill what it holds, in order, and start a new one."""
+        old = self._producer
+        with contextlib.suppress(KafkaException):
+            old.poll(0)  # error_cb names the underlying error (produce() only says "fatal")
+        reason, self._fatal = self._fatal, None
+        self.restarts += 1
+        log.error("kafka: the producer failed for good (%s): replacing it; its %d unacknowledged message(s) "
+                  "are spilled and sent again", reason.str() if reason else "?", len(old))
+        self.spilling = True  # whatever arrives now must queue behind the purged messages
+        if reason is not None and (reason.code() in _LOST_ACKED or "sequence" in reason.str().lower()):
+            # The broker lost messages it had acknowledged: send the last acknowledged ones again.
+            log.error("kafka: the broker lost acknowledged messages (%s): sending the last %d acknowledged "
+                      "message(s) again", reason.name(), len(self._recent))
+            for _, topic, key, value, ts_ms in self._recent:
+                self.spill.append(topic, key, value, ts_ms)
+            self.spilled += len(self._recent)
+            self.resent += len(self._recent)
+            self._spill_dirty = True
+        self._recent.clear()
+        with contextlib.suppress(KafkaException):
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        for _ in range(20):
+            with contextlib.suppress(KafkaException):
+                old.poll(0.01)
+            if len(old) == 0:
+                break
+        if len(old):
+            log.error("kafka: %d message(s) could not be taken back from the failed producer", len(old))
+        self._producer = Producer(self._config)
+        self._produce = self._producer.produce
 
     # --- delivery reports -----------------------------------------------------------------------------
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
@@ -369,6 +448,7 @@ class KafkaOutput:
             # since produce(). Receive -> ack lies between the two bounds below; take the tighter estimate.
             now_ms = time.time() * 1000.0
             ts_ms = msg.timestamp()[1]
+            self._recent.append((now_ms, msg.topic(), msg.key(), msg.value(), ts_ms))
             since_produce = msg.latency()
             estimate = now_ms - ts_ms - 0.5
             if since_produce is not None and since_produce * 1000.0 > estimate:
@@ -422,6 +502,8 @@ class KafkaOutput:
         """Serve delivery reports and send the spill back when the broker takes messages again."""
         while True:
             self.poll()
+            if self._fatal is not None:
+                self._replace_producer()
             busy = self.drain_step() if (self.spilling or self.spill.pending or self._carry) else False
             await asyncio.sleep(0.001 if busy else 0.01)
 
@@ -454,7 +536,7 @@ class KafkaOutput:
                     self._carry = (seq, records[index:])
                     return False
                 except KafkaException as error:
-                    self._note_error(f"produce from spill: {error}")
+                    self._produce_error(error)
                     self._carry = (seq, records[index:])
                     return False
                 segment.outstanding += 1
@@ -477,21 +559,25 @@ class KafkaOutput:
     async def flush(self, timeout: float) -> None:
         """Wait up to `timeout` for every acknowledgement; spill whatever is still unacknowledged then."""
         deadline = time.monotonic() + timeout
-        while len(self._producer) > 0 and time.monotonic() < deadline:
-            self._producer.poll(0)
+        while len(self._producer) > 0 and time.monotonic() < deadline and self._fatal is None:
+            self.poll()
             await asyncio.sleep(0.02)
         left = len(self._producer)
         if left:
             log.warning("kafka: %d message(s) not acknowledged after %.1f s: spilling them", left, timeout)
-            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            with contextlib.suppress(KafkaException):
+                self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             for _ in range(50):
-                self._producer.poll(0.01)
+                with contextlib.suppress(KafkaException):
+                    self._producer.poll(0.01)
                 if len(self._producer) == 0:
                     break
         if self._carry is not None:
             self._carry = None  # still in its segment, which is kept: sent at the next start
-        self._producer.poll(0)
         self.spill.flush(sync=True)
+        if self.spill.pending:
+            log.warning("spill: %d message(s) wait in %s for the next start", self.spill.pending,
+                        self.spill.directory)
 
     def close(self) -> None:
         self.spill.close()
@@ -507,4 +593,6 @@ class KafkaOutput:
             "produced": self.sent,
             "acked": self.acked,
             "produce_failed": self.failed,
+            "producer_restarts": self.restarts,
+            "resent": self.resent,
         }

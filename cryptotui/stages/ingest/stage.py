@@ -107,6 +107,7 @@ class IngestStage(Stage):
         self._last_received = 0
         self._last_latency: dict[int, int] = {}
         self._dlq_topic = settings.topic_dlq
+        self._given_up_logs = 0
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -146,10 +147,10 @@ class IngestStage(Stage):
     async def flush(self) -> None:
         if self.backfiller is not None:
             self.backfiller.abandon("the stage stopped before backfilling it")
-        for gap in self.gaps.pending + self.gaps.open:
-            seq = self._by_key[(gap.kind, gap.symbol)].seq
-            if isinstance(seq, IdSequence) and seq.missing_between(gap.first, gap.last):
-                log.warning("gap not backfilled (stopping): %s", gap.describe())
+        unfilled = [gap for gap in self.gaps.pending + self.gaps.open if gap.remaining > 0]
+        if unfilled:
+            log.warning("stopping with %d gap(s) not backfilled (%d ids), e.g. %s", len(unfilled),
+                        sum(gap.remaining for gap in unfilled), "; ".join(gap.describe() for gap in unfilled[:5]))
         if self.out is not None:
             await self.out.flush(FLUSH_BUDGET_S)
         self._refresh_counters()
@@ -234,7 +235,7 @@ class IngestStage(Stage):
             self._server_shutdown(conn, text)
         elif "result" in values and "id" in values:
             log.debug("%s: reply %s", conn.name, text[:200])
-        elif "code" in values and "msg" in values:
+        elif ("code" in values and "msg" in values) or ("error" in values and "id" in values):
             self.server_errors += 1
             log.warning("%s: the server reports an error: %s", conn.name, text[:500])
         else:
@@ -347,7 +348,10 @@ class IngestStage(Stage):
         if isinstance(seq, IdSequence):
             count = seq.give_up(lo, hi)
             if count:
-                log.warning("gap %s %s ids %d..%d: %d id(s) not filled: %s", symbol, kind, lo, hi, count, reason)
+                self._given_up_logs += 1
+                if self._given_up_logs <= 20 or self._given_up_logs % 100 == 0:
+                    log.warning("gap %s %s ids %d..%d: %d id(s) not filled: %s (#%d)", symbol, kind, lo, hi, count,
+                                reason, self._given_up_logs)
         self.gaps.settle()
 
     def _missing(self, kind: str, symbol: str, lo: int, hi: int) -> list[tuple[int, int]]:
