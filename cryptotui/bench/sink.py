@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 import random
@@ -210,13 +211,33 @@ async def _wait_stored(conn: asyncpg.Connection, total: int, process: subprocess
 
 
 # --- phases -----------------------------------------------------------------------------------------
-async def measure_drain(settings: Settings, conn: asyncpg.Connection, total: int, log_path: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int | None, children: bool = False) -> float:
+    """CPU time of a process (and its children: PostgreSQL's backends)."""
+    if pid is None:
+        return 0.0
+    try:
+        process = psutil.Process(pid)
+        processes = [process, *(process.children(recursive=True) if children else [])]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for each in processes:
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+async def measure_drain(settings: Settings, conn: asyncpg.Connection, total: int, log_path: Path,
+                        postgres_pid: int | None, broker_pid: int | None) -> dict[str, Any]:
     started = time.monotonic()
     process = start_sink(settings, log_path)
+    postgres_before, broker_before = cpu_seconds(postgres_pid, True), cpu_seconds(broker_pid)
     try:
         first, last = await _wait_stored(conn, total, process, log_path, timeout=600)
-        cpu = psutil.Process(process.pid).cpu_times()
-        cpu_s = cpu.user + cpu.system
+        cpu_s = cpu_seconds(process.pid)
+        postgres_s = cpu_seconds(postgres_pid, True) - postgres_before
+        broker_s = cpu_seconds(broker_pid) - broker_before
     finally:
         stop_process(process)
     counters = await sink_counters(conn)
@@ -231,7 +252,7 @@ async def measure_drain(settings: Settings, conn: asyncpg.Connection, total: int
         "rows_per_s_incl_startup": round(rows / (last - started)),
         "drain_s": round(drain_s, 2),
         "startup_s": round(first - started, 2),
-        "sink_cpu_s": round(cpu_s, 2),
+        "cpu_s": {"sink": round(cpu_s, 2), "postgres": round(postgres_s, 2), "broker": round(broker_s, 2)},
         "transactions": counters.get("transactions"),
         "duplicates": sum((counters.get("duplicates") or {}).values()),
     }
@@ -387,7 +408,7 @@ async def run_benchmark(messages: int, rate: int, seconds: float) -> dict[str, A
                                       "batch_size": settings.sink_batch_size,
                                       "batch_timeout_s": settings.sink_batch_timeout_s,
                                       "produce_msgs_per_s": round(produced / produce_s)}
-            drain = await measure_drain(settings, conn, produced, log_path)
+            drain = await measure_drain(settings, conn, produced, log_path, stack.postgres.pid(), stack.kafka.pid())
             if drain["rows"] != produced:
                 raise RuntimeError(f"{drain['rows']} rows stored for {produced} messages")
             result.update(drain)
