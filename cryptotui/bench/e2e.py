@@ -60,6 +60,7 @@ class ProcessTree:
         self.root_pid = root_pid
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = 0
+        self.peak_breakdown: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _roots(self) -> list[int]:
@@ -82,15 +83,21 @@ class ProcessTree:
                 for child in root.children(recursive=True):
                     current[child.pid] = child
         total = 0
+        breakdown: dict[str, int] = {}
         for proc in current.values():
             with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
+                rss = proc.memory_info().rss
+                total += rss
+                label = _label(proc)
+                breakdown[label] = breakdown.get(label, 0) + rss
         with self._lock:
             for pid, proc in current.items():
                 known = self.seen.get(pid)
                 if known is None or not known.is_running():
                     self.seen[pid] = proc
-            self.peak_rss = max(self.peak_rss, total)
+            if total > self.peak_rss:
+                self.peak_rss = total
+                self.peak_breakdown = breakdown
         return total
 
     def alive(self) -> list[int]:
@@ -111,6 +118,25 @@ class ProcessTree:
             with contextlib.suppress(psutil.Error):
                 self.seen[pid].kill()
         return leftovers
+
+
+def _label(proc: psutil.Process) -> str:
+    """A short name for a pipeline process: the stage, `daemon`, `feed`, `java`, `postgres`, `kafka`."""
+    with contextlib.suppress(psutil.Error):
+        args = proc.cmdline()
+        if "stage" in args and "run" in args:
+            return "stage " + args[args.index("run") + 1]
+        if "--daemon" in args:
+            return "daemon"
+        if "feed" in args and "serve" in args:
+            return "feed"
+        name = proc.name()
+        if name.startswith("postgres"):
+            return "postgres"
+        if "noida" in name or any("noida" in arg for arg in args[:2]):
+            return "kafka"
+        return name
+    return "?"
 
 
 @dataclass
@@ -209,11 +235,18 @@ def cleanup(settings: Settings, daemons: list[DaemonProcess]) -> None:
         if daemon.tree is not None:
             daemon.tree.kill_leftovers()
     stack = Stack(settings)
-    with contextlib.suppress(Exception):
-        asyncio.run(stack.down())
+    # Callable from inside an event loop too (asyncio.run needs a thread without one).
+    stopper = threading.Thread(target=lambda: _quietly(lambda: asyncio.run(stack.down())), name="stack-down")
+    stopper.start()
+    stopper.join(60)
     stack.postgres.kill()
     stack.kafka.kill()
     shutil.rmtree(settings.data_dir, ignore_errors=True)
+
+
+def _quietly(action: Any) -> None:
+    with contextlib.suppress(Exception):
+        action()
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -276,6 +309,7 @@ async def observe_latency(conn: asyncpg.Connection, symbols: list[str], seconds:
     seen: set[tuple[str, int]] = set()
     last = await conn.fetchval("SELECT max(recv_time) FROM trades")
     end = time.monotonic() + seconds
+    priming = True  # the first poll only learns what is already there
     while time.monotonic() < end:
         # (symbol, trade_time) leads the primary key: an index range scan per symbol.
         rows = await conn.fetch(
@@ -287,9 +321,11 @@ async def observe_latency(conn: asyncpg.Connection, symbols: list[str], seconds:
             key = (row["symbol"], row["trade_id"])
             if key not in seen:
                 seen.add(key)
-                latencies.append(float(row["age_ms"]))
+                if not priming:
+                    latencies.append(float(row["age_ms"]))
                 if last is None or row["recv_time"] > last:
                     last = row["recv_time"]
+        priming = False
         await asyncio.sleep(interval_s)
     return latencies
 
@@ -368,14 +404,17 @@ async def _measure(rate: float, duration_s: float, bursts: bool) -> dict[str, An
         warm.start()
         first_vwap_warm = await wait_first_vwap(settings, warm)
         warm.stop()
-        peak = max(daemon.tree.peak_rss for daemon in daemons if daemon.tree)
+        trees = [daemon.tree for daemon in daemons if daemon.tree]
+        peak_tree = max(trees, key=lambda tree: tree.peak_rss)
         return {
             "rate": rate,
             "bursts": bursts,
             **steady,
             "first_vwap_s": round(first_vwap_cold, 1),
             "first_vwap_warm_s": round(first_vwap_warm, 1),
-            "peak_rss_mb": round(peak / MB, 1),
+            "peak_rss_mb": round(peak_tree.peak_rss / MB, 1),
+            "peak_rss_by_process_mb": {name: round(rss / MB, 1) for name, rss in
+                                       sorted(peak_tree.peak_breakdown.items(), key=lambda item: -item[1])},
             "leftover_processes": leftovers,
         }
     finally:
