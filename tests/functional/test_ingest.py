@@ -389,11 +389,11 @@ async def test_a_producer_that_failed_for_good_is_replaced_and_recent_messages_s
     runner = asyncio.create_task(out.run())
     try:
         for n in range(200):
-            out.send(settings.topic_trade, f'{{"n":{n}}}', "BTCUSDT", 1_700_000_000_000)
+            out.send(settings.topic_trade, f'{{"n":{n}}}', "BTCUSDT", int(time.time() * 1000))
         await until(lambda: out.acked == 200, 20, "acknowledged")
         out._on_error(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True))
         for n in range(200, 300):
-            out.send(settings.topic_trade, f'{{"n":{n}}}', "BTCUSDT", 1_700_000_000_000)
+            out.send(settings.topic_trade, f'{{"n":{n}}}', "BTCUSDT", int(time.time() * 1000))
         await until(lambda: out.restarts == 1 and not out.spilling and out.buffered == 0, 20, "replaced and sent")
     finally:
         runner.cancel()
@@ -408,7 +408,7 @@ async def test_a_producer_that_failed_for_good_is_replaced_and_recent_messages_s
 async def test_a_spill_left_by_a_previous_run_is_sent_at_start(settings: Settings, tmp_path: Path) -> None:
     spill = SpillStore(tmp_path / "spill")
     for n in range(50):
-        spill.append(settings.topic_trade, "BTCUSDT", f'{{"n":{n}}}', 1_700_000_000_000 + n)
+        spill.append(settings.topic_trade, "BTCUSDT", f'{{"n":{n}}}', int(time.time() * 1000))
     spill.close()
     async with feed_server(rate=200) as server:
         config = stage_settings(settings, server, tmp_path)

@@ -342,6 +342,16 @@ class KafkaOutput:
             log.warning("spill: %d message(s) left by an earlier run in %s will be sent first",
                         self.spill.recovered, spill_dir)
 
+    async def warm_up(self, timeout: float = 5.0) -> bool:
+        """Connect to the broker and fetch the topics' metadata before messages arrive (the first second
+        would otherwise fill the queue). False when the broker does not answer: messages then wait."""
+        try:
+            await asyncio.to_thread(self._producer.list_topics, None, timeout)
+        except KafkaException as error:
+            log.warning("kafka: the broker does not answer yet (%s): messages wait for it", error)
+            return False
+        return True
+
     # --- the hot path ---------------------------------------------------------------------------------
     def send(self, topic: str, value: str, key: str | None, ts_ms: int) -> None:
         """Queue one message (value: JSON text, key: symbol) for the broker, or spill it."""
@@ -505,7 +515,8 @@ class KafkaOutput:
             if self._fatal is not None:
                 self._replace_producer()
             busy = self.drain_step() if (self.spilling or self.spill.pending or self._carry) else False
-            await asyncio.sleep(0.001 if busy else 0.01)
+            # Acknowledgements are seen when polled: every 2 ms while messages are in flight.
+            await asyncio.sleep(0.001 if busy else 0.002 if len(self._producer) else 0.01)
 
     def drain_step(self) -> bool:
         """Move a chunk of the spill into the producer when it has room; True if there is more to do."""

@@ -114,6 +114,7 @@ class IngestStage(Stage):
         settings = self.settings
         self.out = KafkaOutput(bootstrap_servers(settings), settings.paths.spill, settings.ingest_buffer_messages,
                                on_failed=self._produce_failed)
+        await self.out.warm_up()
         if settings.backfill:
             self.backfiller = Backfiller(settings.binance_rest_url, self._deliver_backfill, self._give_up,
                                          self._missing)
