@@ -11,8 +11,10 @@ Measures, on a throwaway data directory with free ports:
 - first_vwap_s: from starting `cryptotui --daemon` to the first VWAP row, cold (fresh data directory:
   initdb, Spark session and checkpoint from nothing) and warm (a second start on the same directory);
 - peak_rss_mb: the largest sum of the RSS of every process of the pipeline (the daemon, its stages, the
-  feed server, the Spark JVM, PostgreSQL and the Kafka broker), sampled every 0.5 s. Shared pages
-  (PostgreSQL's shared buffers) count once per process, so this is an upper bound.
+  feed server, the Spark JVM and its Python workers, PostgreSQL and the Kafka broker), sampled every
+  0.5 s. Shared pages (PostgreSQL's shared buffers, forked Python workers) count once per process, so
+  this overstates; peak_pss_mb (proportional set size: shared pages split between their users) is the
+  memory the pipeline really takes, with its breakdown per kind of process.
 
 The helpers (`DaemonProcess`, `ProcessTree`) also serve the end-to-end tests.
 """
@@ -48,6 +50,8 @@ DEFAULT_RATE = 2000.0
 DEFAULT_DURATION_S = 60.0
 FIRST_VWAP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
+#: After the measured phase, how long to wait for the watermark to pass a window that ended within it.
+WINDOW_WAIT_S = 120.0
 MB = 1024 * 1024
 
 
@@ -60,7 +64,8 @@ class ProcessTree:
         self.root_pid = root_pid
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = 0
-        self.peak_breakdown: dict[str, int] = {}
+        self.peak_pss = 0
+        self.peak_breakdown: dict[str, int] = {}  # PSS per kind of process at the PSS peak
         self._lock = threading.Lock()
 
     def _roots(self) -> list[int]:
@@ -83,20 +88,23 @@ class ProcessTree:
                 for child in root.children(recursive=True):
                     current[child.pid] = child
         total = 0
+        total_pss = 0
         breakdown: dict[str, int] = {}
         for proc in current.values():
             with contextlib.suppress(psutil.Error):
-                rss = proc.memory_info().rss
-                total += rss
+                memory = proc.memory_full_info()
+                total += memory.rss
+                total_pss += memory.pss
                 label = _label(proc)
-                breakdown[label] = breakdown.get(label, 0) + rss
+                breakdown[label] = breakdown.get(label, 0) + memory.pss
         with self._lock:
             for pid, proc in current.items():
                 known = self.seen.get(pid)
                 if known is None or not known.is_running():
                     self.seen[pid] = proc
-            if total > self.peak_rss:
-                self.peak_rss = total
+            self.peak_rss = max(self.peak_rss, total)
+            if total_pss > self.peak_pss:
+                self.peak_pss = total_pss
                 self.peak_breakdown = breakdown
         return total
 
@@ -121,9 +129,10 @@ class ProcessTree:
 
 
 def _label(proc: psutil.Process) -> str:
-    """A short name for a pipeline process: the stage, `daemon`, `feed`, `java`, `postgres`, `kafka`."""
+    """What a pipeline process is: `stage NAME`, `daemon`, `feed`, `spark jvm`, `spark python`, ..."""
     with contextlib.suppress(psutil.Error):
         args = proc.cmdline()
+        joined = " ".join(args)
         if "stage" in args and "run" in args:
             return "stage " + args[args.index("run") + 1]
         if "--daemon" in args:
@@ -131,9 +140,13 @@ def _label(proc: psutil.Process) -> str:
         if "feed" in args and "serve" in args:
             return "feed"
         name = proc.name()
+        if name == "java" or (args and args[0].endswith("/java")):
+            return "spark jvm"
+        if "pyspark" in joined or "spark" in joined:
+            return "spark python"
         if name.startswith("postgres"):
             return "postgres"
-        if "noida" in name or any("noida" in arg for arg in args[:2]):
+        if "noida" in joined:
             return "kafka"
         return name
     return "?"
@@ -348,7 +361,14 @@ async def steady_phase(settings: Settings, duration_s: float) -> dict[str, Any]:
         written = (_total(after.get("sink", {}).get("rows_written"))
                    - _total(before.get("sink", {}).get("rows_written")))
         sink_latency = after.get("sink", {}).get("latency_ms") or {}
+        # At least one window that ended during the phase must be final (the watermark passed its end).
+        first_end = await conn.fetchval("SELECT date_trunc('minute', $1::timestamptz) + interval '1 minute'",
+                                        start_wall)
+        deadline = time.monotonic() + WINDOW_WAIT_S
         watermark = await conn.fetchval("SELECT max(watermark) FROM spark_progress")
+        while (watermark is None or watermark < first_end) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            watermark = await conn.fetchval("SELECT max(watermark) FROM spark_progress")
         windows = await conn.fetch(
             "SELECT extract(epoch FROM updated_at - window_end)::float8 AS latency_s FROM trade_metrics"
             " WHERE window_end > $1 AND window_end <= $2", start_wall, watermark) if watermark else []
@@ -396,24 +416,27 @@ async def _measure(rate: float, duration_s: float, bursts: bool) -> dict[str, An
         first_vwap_cold = await wait_first_vwap(settings, cold)
         # Let the window that was open at the first VWAP close within the measured phase.
         steady = await steady_phase(settings, max(duration_s, DEFAULT_DURATION_S))
+        stopping = time.monotonic()
         if cold.stop() != 0:
             raise RuntimeError(f"the daemon did not exit cleanly:\n{cold.output_tail()}")
+        shutdown_s = time.monotonic() - stopping
         leftovers = cold.tree.alive() if cold.tree else []
         warm = DaemonProcess(settings, ["--source", "sim"], env, output_dir=data_dir)
         daemons.append(warm)
         warm.start()
         first_vwap_warm = await wait_first_vwap(settings, warm)
         warm.stop()
-        trees = [daemon.tree for daemon in daemons if daemon.tree]
-        peak_tree = max(trees, key=lambda tree: tree.peak_rss)
+        peak_tree = max((daemon.tree for daemon in daemons if daemon.tree), key=lambda tree: tree.peak_rss)
         return {
             "rate": rate,
             "bursts": bursts,
             **steady,
             "first_vwap_s": round(first_vwap_cold, 1),
             "first_vwap_warm_s": round(first_vwap_warm, 1),
+            "shutdown_s": round(shutdown_s, 1),
             "peak_rss_mb": round(peak_tree.peak_rss / MB, 1),
-            "peak_rss_by_process_mb": {name: round(rss / MB, 1) for name, rss in
+            "peak_pss_mb": round(peak_tree.peak_pss / MB, 1),
+            "peak_pss_by_process_mb": {name: round(pss / MB, 1) for name, pss in
                                        sorted(peak_tree.peak_breakdown.items(), key=lambda item: -item[1])},
             "leftover_processes": leftovers,
         }

@@ -409,25 +409,32 @@ class Supervisor:
         """Stop every process, the monitor, and the stack when `stop_stack_on_exit`."""
         if self._closing:
             return
-        await self.stop_all()
-        self._closing = True
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor_task
-            self._monitor_task = None
-        await self._close_db()
-        stopped = False
-        if self.stop_stack_on_exit and self.manage_stack:
-            try:
-                await self.stack.down(lambda step: self._emit(StackStep(step)))
-                stopped = True
-            except Exception as error:
-                self._emit(SupervisorError(f"stopping the stack failed: {error}"))
-        for managed in self._procs.values():
-            managed.log.close()
-        self._write_children()
-        self._emit(SupervisorStopped(stopped))
+        try:
+            await self.stop_all()
+        finally:
+            self._closing = True
+            for managed in self._procs.values():  # whatever a failed stop left: by PID, now
+                if managed.child is not None and managed.child.alive:
+                    managed.child.kill()
+                    with contextlib.suppress(Exception):
+                        await managed.child.wait()
+            if self._monitor_task is not None:
+                self._monitor_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._monitor_task
+                self._monitor_task = None
+            await self._close_db()
+            stopped = False
+            if self.stop_stack_on_exit and self.manage_stack:
+                try:
+                    await self.stack.down(lambda step: self._emit(StackStep(step)))
+                    stopped = True
+                except Exception as error:
+                    self._emit(SupervisorError(f"stopping the stack failed: {error}"))
+            for managed in self._procs.values():
+                managed.log.close()
+            self._write_children()
+            self._emit(SupervisorStopped(stopped))
 
     async def start(self, name: str) -> None:
         """Start one process (the feed server first when ingest needs it); a no-op when it runs."""

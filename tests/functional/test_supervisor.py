@@ -145,3 +145,26 @@ async def test_output_goes_to_a_log_file_and_last_lines_are_available(supervisor
     # A new supervisor (a restarted UI) reads the same last lines from disk.
     later = Supervisor(settings, stages=["retention"], manage_stack=False)
     assert later.logs("retention", 5)[-1] == lines[-1]
+
+
+async def test_children_left_by_a_killed_supervisor_are_ended_at_the_next_start(supervisor: Supervisor,
+                                                                               settings: Settings) -> None:
+    """A daemon SIGKILLed cannot stop its stages; the next one ends them by their recorded PID."""
+    import json
+    import subprocess
+    import sys
+
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        settings.paths.run.mkdir(parents=True, exist_ok=True)
+        (settings.paths.run / "children.json").write_text(json.dumps(
+            {"retention": {"pid": leftover.pid, "create_time": psutil.Process(leftover.pid).create_time()}}))
+        await supervisor.start_all()
+        assert leftover.wait(10) is not None
+        assert supervisor.pids()["retention"] != leftover.pid
+        recorded = json.loads((settings.paths.run / "children.json").read_text())
+        assert recorded["retention"]["pid"] == supervisor.pids()["retention"]
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
