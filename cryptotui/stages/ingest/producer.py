@@ -325,6 +325,7 @@ class KafkaOutput:
         self.restarts = 0  # producers replaced after a fatal error
         self.resent = 0  # acknowledged messages sent again because the broker lost them
         self._recent: deque[tuple[float, str, bytes | None, bytes, int]] = deque()
+        self.broker_down = False
         self._on_failed = on_failed  # (topic, key, value, error): messages the broker rejected for good
         self.spilling = self.spill.pending > 0  # live messages go to the spill while it has older ones
         self.sent = 0  # handed to the producer (live and from the spill)
@@ -414,7 +415,13 @@ class KafkaOutput:
         if err.fatal():
             self._fatal = err
             self._note_error(f"fatal: {err.str()}")
-        elif err.code() not in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            if not self.broker_down:
+                self.broker_down = True
+                self.last_error = f"broker unreachable: {err.str()}"
+                log.warning("kafka: the broker is unreachable (%s): messages wait in memory (up to %d), "
+                            "then in the spill file", err.str(), self.capacity)
+        elif err.code() != KafkaError._TRANSPORT:
             self._note_error(err.str())
 
     def _replace_producer(self) -> None:
@@ -454,6 +461,10 @@ class KafkaOutput:
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
         if err is None:
             self.acked += 1
+            if self.broker_down:
+                self.broker_down = False
+                log.warning("kafka: the broker acknowledges messages again (%d buffered, %d in the spill)",
+                            len(self._producer), self.spill.pending)
             # The message timestamp is the receive time (ms, truncated); msg.latency() is the precise time
             # since produce(). Receive -> ack lies between the two bounds below; take the tighter estimate.
             now_ms = time.time() * 1000.0
@@ -598,6 +609,7 @@ class KafkaOutput:
             "buffered": self.buffered,
             "buffer_capacity": self.capacity,
             "spilling": self.spilling,
+            "broker_down": self.broker_down,
             "spilled": self.spilled,
             "spill_pending": self.spill.pending + (len(self._carry[1]) if self._carry else 0),
             "spill_recovered": self.spill.recovered,
