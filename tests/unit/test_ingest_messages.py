@@ -168,3 +168,24 @@ def test_status_counts_per_stream(stage: IngestStage) -> None:
     assert status["received"] == 2 and status["messages"] == 1 and status["dlq"] == 1
     assert set(status["streams"]) == {f"{s}@{k}" for s in ("btcusdt", "ethusdt", "bnbusdt")
                                       for k in ("trade", "aggTrade", "bookTicker")}
+
+
+def test_oversized_messages_go_to_the_dlq_cut(stage: IngestStage) -> None:
+    huge = combined("btcusdt@trade", TRADE[:-1] + ',"x":"' + "y" * 600_000 + '"}')
+    [(topic, value, _, _), (good_topic, _, _, _)] = feed(stage, huge, combined("btcusdt@trade", TRADE))
+    assert (topic, good_topic) == ("dlq", "tr")
+    assert value["reason"].startswith("too_large: ") and "raw text cut" in value["reason"]
+    assert len(value["raw"]) == 256 * 1024
+
+
+def test_a_bug_on_one_message_does_not_stop_the_others(stage: IngestStage) -> None:
+    info = stage.streams["btcusdt@trade"]
+
+    def broken(data: dict[str, Any], symbol: str) -> int:
+        raise RuntimeError("boom")
+
+    info.check = broken
+    sent = feed(stage, combined("btcusdt@trade", TRADE), combined("ethusdt@aggTrade", AGG))
+    assert [topic for topic, _, _, _ in sent] == ["dlq", "ag"]
+    assert sent[0][1]["reason"] == "internal_error: RuntimeError: boom"
+    assert stage.internal_errors == 1
