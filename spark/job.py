@@ -342,8 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
     stop = threading.Event()
+    session_up = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
+        if not session_up.is_set():
+            # Still launching the JVM: nothing to save, leave at once (with the JVM being started).
+            log.info("signal %d while starting: exiting", signum)
+            kill_children()
+            os._exit(EXIT_OK)
         log.info("signal %d: stopping the queries", signum)
         stop.set()
 
@@ -356,13 +362,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit_status({"event": "failed", "error": f"another driver is running on {checkpoint}"})
             return EXIT_REFUSED
         reap_orphan_jvm(checkpoint)
-        return _run(settings, args, stop, checkpoint)
+        return _run(settings, args, stop, session_up, checkpoint)
 
 
-def _run(settings: Settings, args: argparse.Namespace, stop: threading.Event, checkpoint: Path) -> int:
+def kill_children() -> None:
+    """SIGKILL this process's descendants (the JVM being launched and what it started)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def _run(
+    settings: Settings, args: argparse.Namespace, stop: threading.Event, session_up: threading.Event, checkpoint: Path
+) -> int:
     started = time.monotonic()
     emit_status({"event": "starting", "master": settings.spark_master, "pid": os.getpid()})
     spark = build_session(settings)
+    session_up.set()
     job: MetricsJob | None = None
     try:
         record_driver(spark, checkpoint)

@@ -107,6 +107,7 @@ def progress_record(progress: dict[str, Any]) -> dict[str, Any]:
         "offsets_behind": behind,
         "end_offsets": end or None,
         "state_rows": sum(int(op.get("numRowsTotal") or 0) for op in operators),
+        # Counted by the state store after partial aggregation: at most (not exactly) the late events.
         "late_rows_dropped": sum(int(op.get("numRowsDroppedByWatermark") or 0) for op in operators),
     }
 

@@ -66,7 +66,8 @@ WITH touched AS (
     FROM touched t
 ), scored AS (
     SELECT m.symbol, m.window_start, b.since,
-           coalesce(count(*) OVER w = $3 AND m.volume > $4::numeric * avg(m.volume) OVER w, false) AS spike
+           -- volume > factor * mean, as volume * N > factor * sum: exact numeric arithmetic
+           coalesce(count(*) OVER w = $3 AND m.volume * $3 > $4::numeric * sum(m.volume) OVER w, false) AS spike
     FROM trade_metrics m JOIN bounds b ON m.symbol = b.symbol AND m.window_start >= b.lower_bound
     WINDOW w AS (PARTITION BY m.symbol ORDER BY m.window_start ROWS BETWEEN $3 PRECEDING AND 1 PRECEDING)
 )
