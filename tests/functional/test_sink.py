@@ -485,3 +485,22 @@ async def test_sink_stopped_during_a_database_outage_exits_in_time_and_loses_not
         assert_exactly(await stored_keys(conn), produced_keys(messages))
     finally:
         await conn.close()
+
+
+async def test_a_row_the_database_refuses_is_dead_lettered_and_the_rest_is_stored(
+    settings: Settings, db: asyncpg.Connection, log_path: Path
+) -> None:
+    # Mapping accepts the message; a constraint of the database does not (as a stricter schema might).
+    await db.execute("ALTER TABLE trades ADD CONSTRAINT test_price_cap CHECK (price < 1000000)")
+    good = [message for message in realistic(400, seed=17) if message[0] == "trade"]
+    refused = json.loads(good[0][2]) | {"t": 1, "p": "2000000.00000000"}
+    produce_values(settings, [*good[:50], ("trade", "BTCUSDT", json.dumps(refused).encode()), *good[50:]])
+    process = start_sink(settings, log_path)
+    try:
+        await wait_stored(settings, 60, process, log_path)
+    finally:
+        assert stop_process(process) == 0, log_text(log_path)
+    assert_exactly(await stored_keys(db), produced_keys(good))
+    counters = await sink_counters(db)
+    assert counters["rejected_by_db"] == 1 and counters["dlq"] == 1
+    assert "looking for the rows at fault" in log_path.read_text()
