@@ -286,7 +286,7 @@ def _plain(value: Decimal | None) -> Decimal | None:
     """Trailing zeros removed (numeric keeps the scale it is given), never in exponent form for PG."""
     if value is None:
         return None
-    normalized = value.normalize(EXACT)
+    normalized = Decimal(value).normalize(EXACT)
     return normalized if normalized.as_tuple().exponent <= 0 else normalized.quantize(Decimal(1))
 
 
