@@ -337,7 +337,7 @@ def compare(actual: dict[tuple[str, datetime], dict[str, Any]],
     for key in sorted(set(actual) & set(expected)):
         for column, want in expected[key].items():
             got = actual[key][column]
-            if column in EXACT_COLUMNS:
+            if column in EXACT_COLUMNS or isinstance(want, bool) or not isinstance(want, (int, float, Decimal)):
                 if got != want:
                     problems.append(f"{key} {column}: {got!r} != {want!r}")
             elif relative_difference(got, want) > 1e-9:
