@@ -403,7 +403,7 @@ def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
-async def _measure(rate: float, duration_s: float, bursts: bool) -> dict[str, Any]:
+async def _measure(rate: float, duration_s: float, bursts: bool, keep: bool = False) -> dict[str, Any]:
     data_dir = new_data_dir("cryptotui-bench-e2e-")
     settings = temporary_settings(data_dir)
     feed_args = f"--rate {rate:g}" + ("" if bursts else " --no-bursts")
@@ -441,7 +441,13 @@ async def _measure(rate: float, duration_s: float, bursts: bool) -> dict[str, An
             "leftover_processes": leftovers,
         }
     finally:
-        cleanup(settings, daemons)
+        if keep:
+            for daemon in daemons:
+                if daemon.running():
+                    daemon.stop()
+            click.echo(f"data directory kept: {data_dir} (stack stopped)", err=True)
+        else:
+            cleanup(settings, daemons)
 
 
 @click.command("e2e")
@@ -449,10 +455,11 @@ async def _measure(rate: float, duration_s: float, bursts: bool) -> dict[str, An
 @click.option("--duration", default=DEFAULT_DURATION_S, show_default=True,
               help="Seconds of the measured steady phase (at least 60).")
 @click.option("--bursts/--no-bursts", default=False, show_default=True, help="Simulated bursts of activity.")
+@click.option("--keep", is_flag=True, help="Keep the data directory (logs) for inspection.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(rate: float, duration: float, bursts: bool, as_json: bool) -> None:
+def command(rate: float, duration: float, bursts: bool, keep: bool, as_json: bool) -> None:
     """The whole pipeline on the simulator: throughput, latency, window latency, start time, memory."""
-    result = asyncio.run(_measure(rate, duration, bursts))
+    result = asyncio.run(_measure(rate, duration, bursts, keep))
     if as_json:
         click.echo(json.dumps(result))
         return
