@@ -459,6 +459,11 @@ async def _measure(rate: float, duration_s: float, bursts: bool, keep: bool = Fa
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(rate: float, duration: float, bursts: bool, keep: bool, as_json: bool) -> None:
     """The whole pipeline on the simulator: throughput, latency, window latency, start time, memory."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so the run's cleanup (daemons, stack, data directory) happens
+
+    signal.signal(signal.SIGTERM, interrupted)
     result = asyncio.run(_measure(rate, duration, bursts, keep))
     if as_json:
         click.echo(json.dumps(result))
