@@ -167,6 +167,9 @@ def consumer_config(options: Mapping[str, str]) -> dict[str, Any]:
     }
     if "bootstrap.servers" not in config:
         raise ValueError("option kafka.bootstrap.servers is required")
+    # noida-db (the embedded broker) ignores the fetch size limits and answers a fetch with the whole rest
+    # of the partition: accept responses of any size instead of failing on them forever.
+    config.setdefault("receive.message.max.bytes", 2_147_483_647)
     config.update(
         {
             # Offsets live in Spark's checkpoint: the group is only a name the client requires.
@@ -295,7 +298,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     def stop(self) -> None:
         if self._consumer is not None:
-            self._consumer.close()
+            close_quietly(self._consumer)
             self._consumer = None
 
 
@@ -367,7 +370,12 @@ def read_range(
                         # Fewer records than offsets (compaction, transaction markers, truncation).
                         reached_end = True
                         break
-                    raise KafkaException(error)
+                    if error.fatal():
+                        raise KafkaException(error)
+                    # Transient (a broker reconnecting, the group coordinator we do not use): the client
+                    # retries; the stall timeout below fails the task if records stop coming.
+                    log.debug("%s[%d]: %s", value.topic, value.partition, error)
+                    continue
                 offset = message.offset()
                 if offset >= value.end:
                     reached_end = True
@@ -392,7 +400,18 @@ def read_range(
         if offsets:
             yield flush()
     finally:
+        close_quietly(consumer)
+
+
+def close_quietly(consumer: Any) -> None:
+    """Close a consumer; some brokers answer the group-coordinator lookup of close() with an error
+    (noida-db: "FindCoordinator response error"), which must not fail a task that read its records."""
+    from confluent_kafka import KafkaException
+
+    try:
         consumer.close()
+    except (KafkaException, RuntimeError) as error:
+        log.debug("closing the consumer: %s", error)
 
 
 class KafkaDataSource(DataSource):
