@@ -465,7 +465,10 @@ async def test_sink_stopped_during_a_database_outage_exits_in_time_and_loses_not
         await stack.postgres.stop()
         try:
             produce_values(settings, second)
-            await asyncio.sleep(4)  # the sink fetched them, fails to write, pauses
+            deadline = time.monotonic() + 30  # the sink fetches them, fails to write, pauses
+            while "pausing consumption" not in log_path.read_text():
+                assert time.monotonic() < deadline, log_text(log_path)
+                await asyncio.sleep(0.2)
             started = time.monotonic()
             code = stop_process(process)
             took = time.monotonic() - started
@@ -474,7 +477,7 @@ async def test_sink_stopped_during_a_database_outage_exits_in_time_and_loses_not
     finally:
         stop_process(process)
     assert code == 0 and took < 10, (code, took, log_text(log_path))
-    assert "will be read again" in log_path.read_text()
+    assert "will be read again" in log_path.read_text(), log_text(log_path)
     process = start_sink(settings, log_path)
     try:
         await wait_stored(settings, 60, process, log_path)
