@@ -148,16 +148,22 @@ async def run_supervisor(settings: Settings, stop_stack_on_exit: bool, stop: asy
     return code
 
 
-async def _main(settings: Settings, stop_stack_on_exit: bool, **options: Any) -> int:
+async def _main(settings: Settings, stop_stack_on_exit: bool, early_stop: list[int], **options: Any) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if early_stop:  # a signal arrived before the loop ran: stop at once, still cleanly
+        stop.set()
     return await run_supervisor(settings, stop_stack_on_exit, stop, **options)
 
 
 def run_daemon(settings: Settings, stop_stack_on_exit: bool = True, **options: Any) -> int:
     """Run the whole pipeline headless until SIGTERM/SIGINT; returns the process exit code."""
+    # From the very start a signal means "stop cleanly" (the event loop takes the signals over later).
+    early_stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: early_stop.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     configure_logging(settings)
     pid_file = PidFile(settings.paths.run / PID_FILE)
     try:
@@ -171,7 +177,9 @@ def run_daemon(settings: Settings, stop_stack_on_exit: bool = True, **options: A
         print(f"cryptotui: cannot create the pid file {pid_file.path}: {error}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        return asyncio.run(_main(settings, stop_stack_on_exit, **options))
+        return asyncio.run(_main(settings, stop_stack_on_exit, early_stop, **options))
     finally:
         pid_file.release()
         logging.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

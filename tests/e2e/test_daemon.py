@@ -182,5 +182,8 @@ def test_stale_pid_file_of_a_dead_daemon_is_replaced(run: Run) -> None:
     deadline = time.monotonic() + 60
     while read_pid(own_settings.paths.run / "daemon.pid") != daemon.proc.pid:  # type: ignore[union-attr]
         assert time.monotonic() < deadline and daemon.running(), daemon.output_tail()
-        time.sleep(0.1)
-    assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+        time.sleep(0.05)
+    # Stopped right away, while it is still starting: still a clean exit, nothing left behind.
+    assert daemon.stop(signal.SIGTERM, timeout=60) == 0, daemon.output_tail()
+    assert daemon.tree is not None and not daemon.tree.alive()
+    assert not (own_settings.paths.run / "daemon.pid").exists()
