@@ -62,7 +62,7 @@ async def test_plain_mode_has_tables_without_extension(empty_db: asyncpg.Connect
     tables = {row["tablename"] for row in rows}
     assert tables >= {*TIME_SERIES_TABLES, "stage_status", "schema_migrations"}
     indexes = {row["indexname"] for row in await empty_db.fetch("SELECT indexname FROM pg_indexes")}
-    assert {"trades_symbol_time", "book_ticker_symbol_time"} <= indexes
+    assert {"trades_pkey", "book_ticker_pkey", "trade_metrics_window"} <= indexes
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
