@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         "Unset: the embedded PostgreSQL is started.",
     )
     postgres_port: Port = Field(default=54320, description="Port of the embedded PostgreSQL (127.0.0.1).")
+    postgres_bindir: Path | None = Field(
+        default=None,
+        description="Directory with initdb/pg_ctl for the embedded server. Default: /usr/lib/postgresql/<17|16|15>/bin "
+        "or the PATH.",
+    )
     database_name: str = Field(default="cryptotui", description="Database name of the embedded PostgreSQL.")
     database_user: str = Field(default="cryptotui", description="User of the embedded PostgreSQL.")
     timescaledb: Literal["auto", "on", "off"] = Field(
@@ -160,6 +165,15 @@ class Settings(BaseSettings):
     lag_interval_s: float = Field(default=5.0, gt=0, description="Lag stage: seconds between kafka_lag samples.")
     feed_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the feed server started for `sim`/`replay:` (0: a free port)."
+    )
+    feed_args: str = Field(
+        default="",
+        description="Extra options for that feed server, e.g. `--rate 500 --no-bursts` or fault injection "
+        "(`--malformed-per-1000 5`); see `cryptotui feed serve --help`.",
+    )
+    stages: Annotated[list[str], NoDecode] = Field(
+        default=["sink", "lag", "spark", "retention", "ingest"],
+        description="Stages the supervisor runs (e.g. `sink,lag,ingest` without Spark).",
     )
 
     # --- Spark -------------------------------------------------------------------------------
@@ -256,7 +270,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{', '.join(bad)} is not a Binance symbol (5-20 letters/digits, e.g. BTCUSDT)")
         return list(dict.fromkeys(symbols))
 
-    @field_validator("streams", "smtp_to", mode="before")
+    @field_validator("streams", "smtp_to", "stages", mode="before")
     @classmethod
     def _parse_lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -267,6 +281,24 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one stream type is required (trade, aggTrade, bookTicker)")
         return list(dict.fromkeys(value))
+
+    @field_validator("stages")
+    @classmethod
+    def _check_stages(cls, value: list[str]) -> list[str]:
+        from cryptotui.stages import STAGES
+
+        unknown = [name for name in value if name not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("feed_args")
+    @classmethod
+    def _check_feed_args(cls, value: str) -> str:
+        import shlex
+
+        shlex.split(value)  # unbalanced quotes fail here, naming the setting
+        return value
 
     @field_validator("volatility_thresholds", mode="before")
     @classmethod

@@ -32,10 +32,6 @@ EXIT_FAILED = 1
 SUMMARY_INTERVAL_S = 10.0
 PID_FILE = "daemon.pid"
 DAEMON_LOG = "daemon.log"
-#: Extra arguments for the feed server (e.g. `--rate 500 --no-bursts`), for benchmarks and experiments.
-FEED_ARGS_ENV = "CRYPTOTUI_DAEMON_FEED_ARGS"
-#: The stages to run, comma separated (default: every stage), e.g. `sink,lag,ingest` without Spark.
-STAGES_ENV = "CRYPTOTUI_DAEMON_STAGES"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -69,14 +65,6 @@ def log_event(event: SupervisorEvent) -> None:
     log.log(_LEVELS.get(event.level, logging.INFO), event.message(), extra={"fields": fields})
 
 
-def _feed_args() -> list[str]:
-    return shlex.split(os.environ.get(FEED_ARGS_ENV, ""))
-
-
-def _stages() -> list[str] | None:
-    names = [name.strip() for name in os.environ.get(STAGES_ENV, "").split(",") if name.strip()]
-    return names or None
-
 
 async def _summaries(supervisor: Supervisor, interval_s: float) -> None:
     """Log a summary every `interval_s` until cancelled."""
@@ -106,8 +94,8 @@ async def _summaries(supervisor: Supervisor, interval_s: float) -> None:
 async def run_supervisor(settings: Settings, stop_stack_on_exit: bool, stop: asyncio.Event,
                          summary_interval_s: float = SUMMARY_INTERVAL_S, **supervisor_options: Any) -> int:
     """Run the pipeline until `stop` is set; the exit code."""
-    supervisor_options.setdefault("stages", _stages())
-    supervisor_options.setdefault("feed_args", _feed_args())
+    supervisor_options.setdefault("stages", settings.stages)
+    supervisor_options.setdefault("feed_args", shlex.split(settings.feed_args))
     try:
         supervisor = Supervisor(settings, stop_stack_on_exit=stop_stack_on_exit, **supervisor_options)
     except ValueError as error:  # an unknown stage name

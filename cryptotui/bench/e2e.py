@@ -407,7 +407,7 @@ async def _measure(rate: float, duration_s: float, bursts: bool, keep: bool = Fa
     data_dir = new_data_dir("cryptotui-bench-e2e-")
     settings = temporary_settings(data_dir)
     feed_args = f"--rate {rate:g}" + ("" if bursts else " --no-bursts")
-    env = {"CRYPTOTUI_DAEMON_FEED_ARGS": feed_args}
+    env = {"CRYPTOTUI_FEED_ARGS": feed_args}
     daemons: list[DaemonProcess] = []
     try:
         cold = DaemonProcess(settings, ["--source", "sim"], env, output_dir=data_dir)

@@ -39,10 +39,9 @@ START_TIMEOUT_S = 30
 _DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-def find_bindir() -> Path | None:
+def find_bindir(override: Path | None = None) -> Path | None:
     """The directory holding initdb and pg_ctl (Debian keeps them out of PATH)."""
-    override = os.environ.get("CRYPTOTUI_PG_BINDIR")
-    candidates = [Path(override)] if override else []
+    candidates = [override] if override else []
     candidates += [Path(f"/usr/lib/postgresql/{major}/bin") for major in SUPPORTED_MAJORS]
     on_path = shutil.which("initdb")
     if on_path:
@@ -73,7 +72,7 @@ class PostgresService(Service):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths = settings.paths
-        self.bindir = find_bindir()
+        self.bindir = find_bindir(settings.postgres_bindir)
         self._as_root = os.geteuid() == 0
 
     @property

@@ -88,7 +88,7 @@ async def vwap_mismatches(conn: asyncpg.Connection) -> tuple[int, list[str]]:
 @pytest.mark.spark
 async def test_daemon_runs_the_whole_pipeline_on_the_simulator_and_stops_cleanly(run: Run) -> None:
     settings = run.settings
-    daemon = run.start("--source", "sim", env={"CRYPTOTUI_DAEMON_FEED_ARGS": "--rate 500"})
+    daemon = run.start("--source", "sim", env={"CRYPTOTUI_FEED_ARGS": "--rate 500"})
     conn = await connect_when_ready(settings, time.monotonic() + 120)
     try:
         done: dict[str, bool] = {}
@@ -146,7 +146,7 @@ def test_daemon_exits_1_with_the_reason_when_the_stack_cannot_start(run: Run) ->
 @pytest.mark.e2e
 async def test_second_daemon_on_the_same_data_dir_is_refused_and_sigint_stops_the_first(run: Run) -> None:
     own_settings = run.settings
-    env = {"CRYPTOTUI_DAEMON_STAGES": "retention"}
+    env = {"CRYPTOTUI_STAGES": "retention"}
     first = run.start(env=env)
     pid_file = own_settings.paths.run / "daemon.pid"
     deadline = time.monotonic() + 60
@@ -178,7 +178,7 @@ def test_stale_pid_file_of_a_dead_daemon_is_replaced(run: Run) -> None:
     dead.wait()
     own_settings.paths.run.mkdir(parents=True, exist_ok=True)
     (own_settings.paths.run / "daemon.pid").write_text(f"{dead.pid}\n")
-    daemon = run.start(env={"CRYPTOTUI_DAEMON_STAGES": "retention"})
+    daemon = run.start(env={"CRYPTOTUI_STAGES": "retention"})
     deadline = time.monotonic() + 60
     while read_pid(own_settings.paths.run / "daemon.pid") != daemon.proc.pid:  # type: ignore[union-attr]
         assert time.monotonic() < deadline and daemon.running(), daemon.output_tail()
