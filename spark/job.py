@@ -18,11 +18,13 @@ other driver is running on the same checkpoint).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -68,12 +70,17 @@ def is_local(master: str) -> bool:
     return master.startswith("local")
 
 
+def launched_by_spark_submit() -> bool:
+    """spark-submit starts the JVM first and hands its gateway to the Python driver."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
 def spark_conf(settings: Settings) -> dict[str, str]:
-    """The Spark configuration: sized for a 2-core machine, everything overridable by spark_conf."""
+    """The Spark configuration: sized for a 2-core machine, everything overridable by spark_conf.
+
+    Under spark-submit, its own --master and driver settings win (the JVM already runs with them)."""
     conf = {
-        "spark.master": settings.spark_master,
         "spark.app.name": "cryptotui-metrics",
-        "spark.driver.memory": settings.spark_driver_memory,
         "spark.executor.memory": settings.spark_executor_memory,
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.default.parallelism": str(settings.spark_shuffle_partitions),
@@ -85,21 +92,31 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.sql.streaming.noDataMicroBatches.enabled": "true",
         "spark.python.worker.reuse": "true",
         "spark.log.level": "WARN",
-        "spark.pyspark.python": sys.executable,
     }
-    if is_local(settings.spark_master):
-        conf["spark.driver.host"] = "127.0.0.1"
-        conf["spark.driver.bindAddress"] = "127.0.0.1"
+    if not launched_by_spark_submit():
+        conf["spark.master"] = settings.spark_master
+        conf["spark.driver.memory"] = settings.spark_driver_memory
+        # The Python of the workers: PySpark runs the data source planner on the driver and the reads on
+        # the executors with the same interpreter path (default: this one).
+        conf["spark.pyspark.python"] = python_executable(settings)
+        if is_local(settings.spark_master):
+            conf["spark.driver.host"] = "127.0.0.1"
+            conf["spark.driver.bindAddress"] = "127.0.0.1"
     conf.update({str(key): str(value) for key, value in settings.spark_conf.items()})
     conf.update(REQUIRED_CONF)
     return conf
+
+
+def python_executable(settings: Settings) -> str:
+    """spark.pyspark.python from spark_conf, else PYSPARK_PYTHON, else this interpreter."""
+    return settings.spark_conf.get("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON") or sys.executable
 
 
 def prepare_environment(settings: Settings) -> None:
     """Environment the JVM and the Python workers inherit (before the session starts)."""
     if is_local(settings.spark_master):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ["PYSPARK_PYTHON"] = python_executable(settings)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 
@@ -129,6 +146,7 @@ def package_zip(directory: Path) -> Path:
 def ship_code(spark: SparkSession) -> None:
     """addPyFile the package, so a spark:// or k8s:// cluster's executors run the same code."""
     directory = Path(tempfile.mkdtemp(prefix="cryptotui-spark-"))
+    atexit.register(shutil.rmtree, directory, True)
     spark.sparkContext.addPyFile(str(package_zip(directory)))
 
 
@@ -242,11 +260,14 @@ class MetricsJob:
 
     def run_available_now(self, names: Sequence[str] = QUERIES) -> None:
         """Process everything in the topics now, then return (raises when a query failed)."""
-        self.start(names, available_now=True)
-        for query in self.queries:
-            query.awaitTermination()
-        error = self.failure()
-        self.close()
+        try:
+            self.start(names, available_now=True)
+            for query in self.queries:
+                with contextlib.suppress(Exception):  # its failure is reported below
+                    query.awaitTermination()
+            error = self.failure()
+        finally:
+            self.close()
         if error:
             raise RuntimeError(error)
 
