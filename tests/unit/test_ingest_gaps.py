@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cryptotui.stages.ingest.gaps import RESET_SPAN, GapBook, IdSequence, RecentIds
 
 
@@ -98,3 +100,58 @@ def test_book_ticker_ids_are_deduplicated_not_gap_checked() -> None:
     assert ids.accept(12) is False  # below everything remembered: too old
     ids.reset(3)
     assert ids.accept(4) is True
+
+
+def test_a_resumed_sequence_finds_what_the_restart_missed_on_its_first_id() -> None:
+    seq, book = sequence(grace_s=1.0)
+    seq.resume(1000)  # the newest id an earlier run got into Kafka
+    assert seq.accept(1051) is True  # the first live id after the restart
+    [gap] = book.pending
+    assert (gap.first, gap.last, gap.size, gap.after_restart) == (1001, 1050, 50, True)
+    assert "while the stage was down" in gap.describe()
+    assert book.due(now=gap.detected + 1.0) == [gap]
+    assert (book.gaps, book.gap_ids, book.restart_gaps, book.restart_gap_ids) == (1, 50, 1, 50)
+    assert seq.missing_between(0, 10_000) == [(1001, 1050)]
+    # A later jump is an ordinary gap.
+    seq.accept(1060)
+    assert book.pending[-1].after_restart is False
+    book.due(now=book.pending[-1].detected + 1.0)
+    assert (book.gaps, book.restart_gaps) == (2, 1)
+
+
+def test_ids_up_to_the_resumed_one_are_duplicates_and_the_next_one_is_no_gap() -> None:
+    seq, book = sequence()
+    seq.resume(1000)
+    assert [seq.accept(i) for i in (1000, 999, 990)] == [False, False, False]
+    assert seq.accept(1001) is True
+    assert book.pending == [] and seq.missing == []
+    assert seq.accept(1001) is False
+    seq.accept(1005)
+    assert book.pending[-1].after_restart is False  # something arrived since the restart: an ordinary gap
+
+
+def test_backfill_after_a_resume_fills_only_the_restart_gap() -> None:
+    seq, book = sequence()
+    seq.resume(1000)
+    seq.accept(1004)
+    book.due(now=book.pending[0].detected + 10)
+    assert seq.accept_backfill(1000) is False  # in Kafka already
+    assert [seq.accept_backfill(i) for i in (1001, 1002, 1003)] == [True, True, True]
+    assert book.backfilled_ids == 3 and book.pending_ids == 0
+
+
+def test_a_resumed_sequence_still_recognises_a_restarted_source() -> None:
+    seq, _ = sequence()
+    seq.resume(5_000_000)
+    assert seq.looks_restarted(5)
+    seq.reset(5)
+    assert seq.accept(6) is True
+    seq.accept(10)
+    assert seq.missing_between(0, 100) == [(7, 9)]
+
+
+def test_resume_is_only_for_a_sequence_that_saw_nothing() -> None:
+    seq, _ = sequence()
+    seq.accept(1)
+    with pytest.raises(RuntimeError):
+        seq.resume(100)

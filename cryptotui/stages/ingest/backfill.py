@@ -39,7 +39,8 @@ WEIGHT_PER_MINUTE = 3000
 SERVER_WEIGHT_HIGH = 4800
 #: Attempts of one page before its ids are given up.
 MAX_ATTEMPTS = 5
-#: Largest gap backfilled (ids); a larger jump is a restarted source or an outage too long to repair.
+#: Largest gap backfilled (ids); a larger jump is a restarted source or an outage too long to repair (a day
+#: of downtime can be millions of ids: about 1000 requests per million ids, 25 weight each for trades).
 MAX_GAP_IDS = 1_000_000
 REQUEST_TIMEOUT_S = 15.0
 
@@ -85,6 +86,7 @@ class BackfillJob:
     symbol: str
     lo: int
     hi: int
+    after_restart: bool = False  # missed while the stage was down (found on the first id after a restart)
 
     @property
     def size(self) -> int:
@@ -134,12 +136,15 @@ class Backfiller:
         self.rows = 0
         self.errors = 0
         self.rate_limited = 0
+        self.too_large_ids = 0  # ids of gaps over MAX_GAP_IDS, not backfilled
         self.last_error: str | None = None
 
     def submit(self, job: BackfillJob) -> None:
         if job.size > MAX_GAP_IDS:
+            self.too_large_ids += job.size
+            when = " after restart" if job.after_restart else ""
             self._give_up(job.kind, job.symbol, job.lo, job.hi,
-                          f"gap of {job.size} ids is larger than {MAX_GAP_IDS}: not backfilled")
+                          f"gap of {job.size} ids{when} larger than {MAX_GAP_IDS}: not backfilled")
             return
         self._queue.append(job)
         self._wakeup.set()
@@ -198,11 +203,14 @@ class Backfiller:
             convert = CONVERT[kind]
             events: list[tuple[dict[str, Any], str]] = []
             highest = start - 1
+            lowest: int | None = None
             for row in rows:
                 row_id = row.get(id_field) if isinstance(row, dict) else None
                 if type(row_id) is not int or row_id < start:
                     continue
                 highest = max(highest, row_id)
+                if lowest is None or row_id < lowest:
+                    lowest = row_id
                 if row_id > window_hi:
                     continue
                 try:
@@ -213,6 +221,12 @@ class Backfiller:
             self.rows += len(events)
             if events:
                 self._deliver(kind, symbol, events, recv_ns)
+            if lowest is not None and lowest > window_hi:
+                # The server's ids start above the page (e.g. a restarted source's history): what lies below
+                # them it does not have; give it up at once instead of asking page by page.
+                for lo, hi in self._missing(kind, symbol, start, min(lowest - 1, max(job.hi, window_hi))):
+                    self._give_up(kind, symbol, lo, hi, "backfill: the REST API does not have these ids")
+                continue
             if len(rows) < limit or highest < start:
                 # The server has nothing more from `start` on: what is still missing, it does not have.
                 for lo, hi in self._missing(kind, symbol, start, max(job.hi, window_hi)):
@@ -278,6 +292,7 @@ class Backfiller:
             "backfill_errors": self.errors,
             "backfill_rate_limited": self.rate_limited,
             "backfill_queued_ids": self.queued_ids,
+            "gap_ids_too_large": self.too_large_ids,
         }
 
 

@@ -5,6 +5,10 @@ connections overlap (a rotation) ids may arrive out of order: a gap first waits 
 arrivals (`GapBook.due`), and only what is still missing then is a real gap (logged, counted, backfilled).
 bookTicker update ids (`u`) are increasing but not consecutive, so they are only de-duplicated, against
 the last `RECENT_IDS` ids accepted.
+
+After a restart `IdSequence.resume(last)` continues from the newest id an earlier run produced (read back
+from Kafka by `resume`): the first id then reveals what was missed while the stage was down, as a gap
+marked `after_restart`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Gap:
     late: int = 0  # ids that arrived on a WebSocket after all (rotation overlap, reordering)
     backfilled: int = 0
     unfilled: int = 0  # given up: backfill off, REST had nothing, too large, shutdown
+    after_restart: bool = False  # found on the first id after `IdSequence.resume`: missed while the stage was down
 
     @property
     def size(self) -> int:
@@ -51,7 +56,8 @@ class Gap:
         return self.size - self.late - self.backfilled - self.unfilled
 
     def describe(self) -> str:
-        return f"{self.symbol} {self.kind} ids {self.first}..{self.last} ({self.size} missing)"
+        since = " while the stage was down" if self.after_restart else ""
+        return f"{self.symbol} {self.kind} ids {self.first}..{self.last} ({self.size} missing{since})"
 
 
 class GapBook:
@@ -66,6 +72,8 @@ class GapBook:
         self.backfilled_ids = 0
         self.unfilled_ids = 0
         self.late_ids = 0
+        self.restart_gaps = 0  # of `gaps`, found on the first id after a restart
+        self.restart_gap_ids = 0
 
     def found(self, gap: Gap) -> None:
         self.pending.append(gap)
@@ -84,6 +92,9 @@ class GapBook:
             gap.confirmed = True
             self.gaps += 1
             self.gap_ids += gap.remaining
+            if gap.after_restart:
+                self.restart_gaps += 1
+                self.restart_gap_ids += gap.remaining
             self.open.append(gap)
             confirmed.append(gap)
         for gap in confirmed[:LOG_GAPS]:
@@ -116,14 +127,22 @@ class _Range:
 class IdSequence:
     """Consecutive ids of one (trade|aggTrade, symbol): `accept(id)` says whether to produce the message."""
 
-    __slots__ = ("book", "kind", "last", "missing", "symbol")
+    __slots__ = ("book", "kind", "last", "missing", "resumed", "symbol")
 
     def __init__(self, kind: str, symbol: str, book: GapBook) -> None:
         self.kind = kind
         self.symbol = symbol
         self.book = book
         self.last = _UNSET
+        self.resumed = _UNSET  # the id `resume` started from
         self.missing: list[_Range] = []  # sorted, disjoint
+
+    def resume(self, last_id: int) -> None:
+        """Continue after `last_id`, the newest id an earlier run produced, before any id arrived: the first
+        id above `last_id + 1` is a gap (`after_restart`), ids up to `last_id` are duplicates."""
+        if self.last != _UNSET:
+            raise RuntimeError(f"{self.symbol} {self.kind}: resume() after ids arrived")
+        self.last = self.resumed = last_id
 
     def accept(self, i: int) -> bool:
         """True for a new id (produce it), False for a duplicate. Records gaps."""
@@ -135,7 +154,8 @@ class IdSequence:
             self.last = i
             return True
         if i > last:
-            gap = Gap(self.kind, self.symbol, last + 1, i - 1)
+            # Still at the resumed id: nothing arrived since the restart, so this is what the restart missed.
+            gap = Gap(self.kind, self.symbol, last + 1, i - 1, after_restart=last == self.resumed)
             self.missing.append(_Range(last + 1, i - 1, gap))
             self.book.found(gap)
             self.last = i
@@ -208,6 +228,7 @@ class IdSequence:
             self.give_up(self.missing[0].lo, self.missing[-1].hi)
         log.warning("%s %s ids restarted at %d (last was %d)", self.symbol, self.kind, i, self.last)
         self.last = i
+        self.resumed = _UNSET
 
 
 class RecentIds:

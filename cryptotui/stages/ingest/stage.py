@@ -3,7 +3,8 @@
 Per message: parse once, check (`validate`), drop duplicates and find gaps by id (`gaps`), splice the
 receive time into the original JSON text of `data` and hand it to the producer (`producer`), keyed by
 symbol, on its stream type's topic. Bad input goes to the DLQ topic with its reason. Connections are kept
-by `connection`, gaps backfilled by `backfill`.
+by `connection`, gaps backfilled by `backfill`. Before the first live message, the trade and aggTrade id
+sequences continue from the newest ids already in Kafka (`resume`), so what a restart missed is a gap too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from cryptotui.stages.ingest.backfill import Backfiller, BackfillJob
 from cryptotui.stages.ingest.connection import AttemptLimiter, StreamGroup, WebSocketClient, split_streams
 from cryptotui.stages.ingest.gaps import GapBook, IdSequence, RecentIds
 from cryptotui.stages.ingest.producer import KafkaOutput
+from cryptotui.stages.ingest.resume import ID_FIELDS, RESUME_SCAN, RESUME_TIMEOUT_S, ResumeScan, scan_last_ids
 from cryptotui.stages.ingest.validate import CHECKS, Invalid, scan_value, top_level_spans
 
 __all__ = ["IngestStage", "StreamInfo"]
@@ -108,6 +111,8 @@ class IngestStage(Stage):
         self._last_latency: dict[int, int] = {}
         self._dlq_topic = settings.topic_dlq
         self._given_up_logs = 0
+        self.resumed_sequences = 0
+        self.resume: ResumeScan | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -131,6 +136,9 @@ class IngestStage(Stage):
 
     async def run(self) -> None:
         assert self.out is not None
+        # Here rather than in setup(): a SIGTERM cancels it. And before the producer runs, so a spill left by
+        # the earlier run is not in Kafka yet: the newest id there is below everything possibly lost.
+        await self._resume()
         tasks = [asyncio.create_task(self.out.run(), name="ingest-producer"),
                  asyncio.create_task(self._watch_gaps(), name="ingest-gaps")]
         tasks += [asyncio.create_task(group.run(), name=f"ingest-ws{group.index}") for group in self.groups]
@@ -159,6 +167,50 @@ class IngestStage(Stage):
     async def close(self) -> None:
         if self.out is not None:
             self.out.close()
+
+    # --- restart --------------------------------------------------------------------------------------
+    async def _resume(self) -> None:
+        """Continue each trade/aggTrade id sequence after the newest id already in Kafka (an earlier run's)."""
+        sequences = {key: info.seq for key, info in self._by_key.items()
+                     if key[0] in ID_FIELDS and isinstance(info.seq, IdSequence)}
+        if not sequences:
+            return
+        settings = self.settings
+        topics = {kind: settings.market_topics[kind] for kind, _ in sequences}
+        stop = threading.Event()
+        try:
+            scan = await asyncio.wait_for(
+                asyncio.to_thread(scan_last_ids, bootstrap_servers(settings), topics, settings.symbols,
+                                  RESUME_SCAN, RESUME_TIMEOUT_S, stop),
+                RESUME_TIMEOUT_S + 5.0)
+        except TimeoutError:
+            scan = ResumeScan(error=f"timed out after {RESUME_TIMEOUT_S + 5.0:g} s", seconds=RESUME_TIMEOUT_S + 5.0)
+        except Exception as error:  # never keep the stage from starting
+            log.exception("resume: reading the last ids from Kafka failed")
+            scan = ResumeScan(error=f"{type(error).__name__}: {error}")
+        finally:
+            stop.set()  # ends the thread if it still runs (a timeout, a cancellation)
+        self.resume = scan
+        resumed, absent = [], []
+        for (kind, symbol), seq in sequences.items():
+            last = scan.last_ids.get((kind, symbol))
+            if last is None:
+                absent.append(f"{symbol} {kind}")
+                continue
+            seq.resume(last)
+            resumed.append(f"{symbol} {kind} after {last}")
+        self.resumed_sequences = len(resumed)
+        log.info("resume: %d of %d id sequence(s) continue from Kafka (%d message(s) of %d/%d partition(s) read "
+                 "in %.1f s)%s%s", len(resumed), len(sequences), scan.messages, scan.partitions_read,
+                 scan.partitions, scan.seconds, ": " if resumed else "", ", ".join(resumed))
+        if scan.error:
+            log.warning("resume: reading Kafka did not finish (%s): going on without it for %d id sequence(s); "
+                        "what they missed while the stage was down is not detected, so not backfilled: %s",
+                        scan.error, len(absent), ", ".join(absent) or "none")
+        elif absent:
+            log.info("resume: no id in the last %d message(s) per partition for %s: starting from their first "
+                     "live id (new topic or symbol?)", RESUME_SCAN, ", ".join(absent))
+        self._refresh_counters()
 
     # --- messages -------------------------------------------------------------------------------------
     def _on_messages(self, conn: WebSocketClient, texts: list[str], recv_ns: int) -> None:
@@ -320,7 +372,8 @@ class IngestStage(Stage):
             await asyncio.sleep(GAP_CHECK_S)
             for gap in self.gaps.due():
                 if self.backfiller is not None:
-                    self.backfiller.submit(BackfillJob(gap.kind, gap.symbol, gap.first, gap.last))
+                    self.backfiller.submit(BackfillJob(gap.kind, gap.symbol, gap.first, gap.last,
+                                                       after_restart=gap.after_restart))
                 else:
                     self._give_up(gap.kind, gap.symbol, gap.first, gap.last, "backfill is off")
             self.gaps.settle()
@@ -398,6 +451,11 @@ class IngestStage(Stage):
             "backfill_pending_ids": self.gaps.pending_ids,
             "gap_ids_unfilled": self.gaps.unfilled_ids,
             "gap_ids_late": self.gaps.late_ids,
+            "restart_gaps": self.gaps.restart_gaps,
+            "restart_gap_ids": self.gaps.restart_gap_ids,
+            "resumed_sequences": self.resumed_sequences,
+            "resume_error": self.resume.error if self.resume is not None else None,
+            "resume_s": self.resume.seconds if self.resume is not None else None,
             "id_resets": self.id_resets,
             "internal_errors": self.internal_errors,
             "last_message_age_s": (round(max(0.0, time.time() - self.last_recv_ns / 1e9), 3)
