@@ -18,16 +18,15 @@ other driver is running on the same checkpoint).
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import fcntl
+import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -129,24 +128,31 @@ def build_session(settings: Settings) -> SparkSession:
     for key, value in spark_conf(settings).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    ship_code(spark)
+    ship_code(spark, settings.paths.spark / "pyfiles")
     return spark
 
 
 def package_zip(directory: Path) -> Path:
-    """A zip of the `spark` package (what executors import to read Kafka)."""
+    """A zip of the `spark` package (what executors import to read Kafka), named by its content: runs of
+    the same code share one file, and a file in use is never rewritten."""
     package = Path(__file__).resolve().parent
-    target = directory / "cryptotui_spark.zip"
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(package.glob("*.py")):
-            archive.write(path, f"{package.name}/{path.name}")
+            info = zipfile.ZipInfo(f"{package.name}/{path.name}", date_time=(1980, 1, 1, 0, 0, 0))
+            archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
+    data = buffer.getvalue()
+    target = directory / f"cryptotui_spark-{hashlib.sha256(data).hexdigest()[:16]}.zip"
+    if not target.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, target)
     return target
 
 
-def ship_code(spark: SparkSession) -> None:
+def ship_code(spark: SparkSession, directory: Path) -> None:
     """addPyFile the package, so a spark:// or k8s:// cluster's executors run the same code."""
-    directory = Path(tempfile.mkdtemp(prefix="cryptotui-spark-"))
-    atexit.register(shutil.rmtree, directory, True)
     spark.sparkContext.addPyFile(str(package_zip(directory)))
 
 
