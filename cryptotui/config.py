@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     sink_batch_timeout_s: float = Field(
         default=2.0, gt=0, description="Sink: seconds before a partial batch is written."
     )
+    sink_instance_id: str | None = Field(
+        default=None,
+        description="Sink: static group member id (Kafka group.instance.id). Default: cryptotui-sink-<hostname>; "
+        "give each sink on one host its own.",
+    )
     lag_interval_s: float = Field(default=5.0, gt=0, description="Lag stage: seconds between kafka_lag samples.")
     feed_port: int = Field(
         default=0, ge=0, le=65535, description="Port of the feed server started for `sim`/`replay:` (0: a free port)."

@@ -125,7 +125,7 @@ class SinkStage(Stage):
         # Static group membership: a restarted sink takes its old place at once. (Also needed with
         # noida-db, which never expires a dead member: after a SIGKILL, a new dynamic member of the group
         # would wait forever for the rebalance to complete.) Two sinks on one host need distinct ids.
-        self.instance_id = f"{GROUP_ID}-{socket.gethostname()}"
+        self.instance_id = settings.sink_instance_id or f"{GROUP_ID}-{socket.gethostname()}"
         self.batch_size = settings.sink_batch_size
         self.batch_timeout_s = settings.sink_batch_timeout_s
         self.topic_mappings: dict[str, TableMapping] = {
