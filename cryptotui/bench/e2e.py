@@ -42,6 +42,7 @@ import asyncpg
 import click
 import psutil
 
+from cryptotui.bench.common import percentile
 from cryptotui.config import Settings, child_env
 from cryptotui.db.connection import database_url
 from cryptotui.services.stack import Stack, temporary_settings
@@ -307,12 +308,6 @@ def _total(value: Any) -> float:
         return float(sum(item for item in value.values() if isinstance(item, (int, float))))
     return float(value or 0)
 
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
 
 
 async def observe_latency(conn: asyncpg.Connection, symbols: list[str], seconds: float,

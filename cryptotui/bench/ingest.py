@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import click
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from cryptotui.bench.common import emit, log_tail, stop_process
 from cryptotui.config import Settings, child_env
 from cryptotui.db.connection import database_url
 from cryptotui.services.kafka import bootstrap_servers
@@ -70,7 +70,7 @@ def start_feed(settings: Settings, log_path: Path, *options: str) -> tuple[subpr
     text = line.decode().strip()
     if "listening on" not in text:
         stop_process(process)
-        raise RuntimeError(f"the feed server did not start: {text!r}\n{_tail(log_path)}")
+        raise RuntimeError(f"the feed server did not start: {text!r}\n{log_tail(log_path)}")
     return process, text.rsplit(" ", 1)[-1]
 
 
@@ -83,26 +83,6 @@ def start_ingest(settings: Settings, url: str, log_path: Path) -> subprocess.Pop
                                 stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 12.0) -> int | None:
-    """SIGTERM, then SIGKILL after `timeout`; only this process, by its PID."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-    return process.returncode
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # --- measurements ---------------------------------------------------------------------------------------
@@ -162,9 +142,9 @@ async def _wait_flowing(offsets: EndOffsets, process: subprocess.Popen[bytes], l
     first = await asyncio.to_thread(offsets.total)
     while await asyncio.to_thread(offsets.total) < first + 1000:
         if process.poll() is not None:
-            raise RuntimeError(f"the ingest stage exited with {process.returncode}:\n{_tail(log_path)}")
+            raise RuntimeError(f"the ingest stage exited with {process.returncode}:\n{log_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no messages reached the broker within {START_TIMEOUT_S} s:\n{_tail(log_path)}")
+            raise RuntimeError(f"no messages reached the broker within {START_TIMEOUT_S} s:\n{log_tail(log_path)}")
         await asyncio.sleep(0.2)
 
 
@@ -188,7 +168,7 @@ async def measure_throughput(settings: Settings, conn: asyncpg.Connection, durat
             per_second.append((count - last_count) / (now - last_time))
             last_count, last_time = count, now
             if ingest.poll() is not None:
-                raise RuntimeError(f"the ingest stage exited:\n{_tail(log_dir / 'bench-ingest.log')}")
+                raise RuntimeError(f"the ingest stage exited:\n{log_tail(log_dir / 'bench-ingest.log')}")
         elapsed = last_time - started
         cpu = sampler.cpu_percent()
         counters = await stage_counters(conn, ingest.pid)
@@ -228,7 +208,8 @@ async def measure_latency(settings: Settings, conn: asyncpg.Connection, rate: in
             deadline = time.monotonic() + 10
             while not (found := await stage_counters(conn, ingest.pid)):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no stage_status from the ingest stage:\n{_tail(log_dir / 'bench-ingest.log')}")
+                    tail = log_tail(log_dir / "bench-ingest.log")
+                    raise RuntimeError(f"no stage_status from the ingest stage:\n{tail}")
                 await asyncio.sleep(0.2)
             return found
 
@@ -356,7 +337,4 @@ def command(as_json: bool, duration: float, latency_rate: int, latency_duration:
 
     setup_logging("WARNING")
     result = asyncio.run(run_benchmark(duration, latency_rate, latency_duration))
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        _print_table(result)
+    emit(result, as_json, _print_table)

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import click
 import psutil
 from confluent_kafka import Producer
 
+from cryptotui.bench.common import emit, log_tail, percentile, stop_process
 from cryptotui.config import Settings, child_env
 from cryptotui.db.connection import database_url
 from cryptotui.services.kafka import bootstrap_servers
@@ -160,22 +160,6 @@ def start_sink(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 async def stored_offsets(conn: asyncpg.Connection, group: str = GROUP_ID) -> dict[tuple[str, int], int]:
@@ -204,9 +188,9 @@ async def _wait_stored(conn: asyncpg.Connection, total: int, process: subprocess
         if stored >= total:
             return first, now
         if process.poll() is not None:
-            raise RuntimeError(f"the sink exited with {process.returncode}:\n{_log_tail(log_path)}")
+            raise RuntimeError(f"the sink exited with {process.returncode}:\n{log_tail(log_path)}")
         if now > deadline:
-            raise RuntimeError(f"the sink stored {stored} of {total} offsets in {timeout} s:\n{_log_tail(log_path)}")
+            raise RuntimeError(f"the sink stored {stored} of {total} offsets in {timeout} s:\n{log_tail(log_path)}")
         await asyncio.sleep(0.1)
 
 
@@ -286,10 +270,6 @@ async def measure_copy(conn: asyncpg.Connection) -> dict[str, Any]:
             "copy_rows_per_s": round(total_rows / elapsed) if elapsed else None}
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
-
 
 async def measure_latency(settings: Settings, conn: asyncpg.Connection, rate: int, seconds: float,
                           log_path: Path) -> dict[str, Any]:
@@ -342,7 +322,7 @@ async def measure_latency(settings: Settings, conn: asyncpg.Connection, rate: in
         deadline = time.monotonic() + 60
         while not (await sink_counters(conn, process.pid)).get("assigned"):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the sink did not start:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"the sink did not start:\n{log_tail(log_path)}")
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         thread = threading.Thread(target=paced_producer, name="paced-producer", daemon=True)
@@ -365,7 +345,7 @@ async def measure_latency(settings: Settings, conn: asyncpg.Connection, rate: in
                 if all(last_seen.get(tp, 0) >= end for tp, end in expected.items()):
                     break
             if process.poll() is not None:
-                raise RuntimeError(f"the sink exited:\n{_log_tail(log_path)}")
+                raise RuntimeError(f"the sink exited:\n{log_tail(log_path)}")
             await asyncio.sleep(POLL_S)
         thread.join()
     finally:
@@ -384,8 +364,8 @@ async def measure_latency(settings: Settings, conn: asyncpg.Connection, rate: in
         "latency_messages": len(latencies_ms),
         "latency_rate": rate,
         "latency_seconds": seconds,
-        "p50_ms": round(_percentile(latencies_ms, 0.50), 1),
-        "p99_ms": round(_percentile(latencies_ms, 0.99), 1),
+        "p50_ms": round(percentile(latencies_ms, 0.50) or 0.0, 1),
+        "p99_ms": round(percentile(latencies_ms, 0.99) or 0.0, 1),
         "max_ms": round(max(latencies_ms), 1),
         "sink_reported_p50_ms": reported.get("p50_ms"),
         "sink_reported_p99_ms": reported.get("p99_ms"),
@@ -456,7 +436,4 @@ def _print_table(result: dict[str, Any]) -> None:
 def command(messages: int, rate: int, seconds: float, as_json: bool) -> None:
     """Sink drain rows/s vs a plain COPY, and receive -> committed latency at a steady rate."""
     result = asyncio.run(run_benchmark(messages, rate, seconds))
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        _print_table(result)
+    emit(result, as_json, _print_table)

@@ -35,6 +35,7 @@ import click
 import psutil
 from confluent_kafka import Producer
 
+from cryptotui.bench.common import emit
 from cryptotui.config import Settings, child_env
 from cryptotui.db.connection import database_url
 from cryptotui.services.kafka import bootstrap_servers
@@ -374,7 +375,4 @@ def _print_table(result: dict[str, Any]) -> None:
 def command(events: int, rate: int, live_s: float, as_json: bool) -> None:
     """Spark job: warm events/s on a backlog, start-up to first batch, window end -> final row latency."""
     result = asyncio.run(run_benchmark(events, rate, live_s))
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        _print_table(result)
+    emit(result, as_json, _print_table)
