@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from spark.metrics import Thresholds, finish_spread, finish_trade
+from spark.metrics import SPREAD_COLUMNS, TRADE_COLUMNS, Thresholds, finish_spread, finish_trade
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -168,25 +168,8 @@ async def upsert_trade_metrics(
 ) -> None:
     if not rows:
         return
-    names = (
-        "symbol",
-        "window_start",
-        "window_end",
-        "trade_count",
-        "volume",
-        "quote_volume",
-        "vwap",
-        "open",
-        "high",
-        "low",
-        "close",
-        "price_stddev",
-        "buy_volume",
-        "sell_volume",
-        "volatility_alert",
-    )
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(UPSERT_TRADE_METRICS, *_columns(rows, names))
+        await conn.execute(UPSERT_TRADE_METRICS, *_columns(rows, TRADE_COLUMNS))
         await conn.execute(
             UPDATE_VOLUME_SPIKES,
             [row["symbol"] for row in rows],
@@ -199,19 +182,8 @@ async def upsert_trade_metrics(
 async def upsert_spread_metrics(pool: asyncpg.Pool, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    names = (
-        "symbol",
-        "window_start",
-        "window_end",
-        "avg_spread",
-        "min_spread",
-        "max_spread",
-        "avg_spread_bps",
-        "samples",
-        "spread_warning",
-    )
     async with pool.acquire() as conn:
-        await conn.execute(UPSERT_SPREAD_METRICS, *_columns(rows, names))
+        await conn.execute(UPSERT_SPREAD_METRICS, *_columns(rows, SPREAD_COLUMNS))
 
 
 class MetricsWriter:
