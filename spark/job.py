@@ -53,6 +53,8 @@ log = logging.getLogger("spark.job")
 TRADE_QUERY = "trade_metrics"
 SPREAD_QUERY = "spread_metrics"
 QUERIES = (TRADE_QUERY, SPREAD_QUERY)
+#: How long closing waits for the last progress events of stopped queries.
+LISTENER_DRAIN_S = 3.0
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 # How long a new driver waits for the JVM of a killed one to exit before killing it.
@@ -284,10 +286,9 @@ class MetricsJob:
 
     def close(self) -> None:
         self.stop()
-        # Progress events arrive asynchronously: let the last ones land before the pool closes.
-        with contextlib.suppress(Exception):
-            self.spark.streams.awaitAnyTermination(0)
-        time.sleep(0.2)
+        # Progress events arrive asynchronously: the last ones must be written before the pool closes.
+        if not self.listener.wait_all_terminated(LISTENER_DRAIN_S):
+            log.warning("the last progress events did not arrive within %.0f s", LISTENER_DRAIN_S)
         with contextlib.suppress(Exception):
             self.spark.streams.removeListener(self.listener)
         self.db.close()

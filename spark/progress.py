@@ -130,8 +130,20 @@ class ProgressListener(StreamingQueryListener):
     ) -> None:
         self._write = write
         self._emit = emit
+        self._running: set[str] = set()
+        self._changed = threading.Condition()
+
+    def wait_all_terminated(self, timeout: float) -> bool:
+        """Wait until every started query's terminated event arrived (so its last progress row is written).
+
+        Spark's listener bus delivers a query's events in order, the terminated event last.
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._running, timeout)
 
     def onQueryStarted(self, event: Any) -> None:
+        with self._changed:
+            self._running.add(str(event.id))
         self._emit({"event": "started", "query": event.name, "id": str(event.id)})
 
     def onQueryProgress(self, event: Any) -> None:
@@ -154,6 +166,9 @@ class ProgressListener(StreamingQueryListener):
 
     def onQueryTerminated(self, event: Any) -> None:
         self._emit({"event": "terminated", "id": str(event.id), "exception": event.exception})
+        with self._changed:
+            self._running.discard(str(event.id))
+            self._changed.notify_all()
 
 
 async def insert_progress(pool: Any, record: dict[str, Any]) -> None:
